@@ -1,0 +1,230 @@
+//! W3C trace context and baggage through NATS and HTTP headers.
+//!
+//! Everything goes through the global propagator installed by [`crate::init`]
+//! (TraceContext + Baggage); nothing here formats a `traceparent` by hand.
+//! NATS header names are case-sensitive, so extraction compares names without
+//! regard to case: Go clients write `Traceparent`, browsers `traceparent`.
+
+use opentelemetry::Context;
+use opentelemetry::global;
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Writes propagation fields into a NATS message's headers.
+pub struct NatsInjector<'a>(pub &'a mut async_nats::HeaderMap);
+
+impl Injector for NatsInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value);
+    }
+}
+
+/// Reads propagation fields from a NATS message's headers, ignoring case.
+pub struct NatsExtractor<'a>(pub &'a async_nats::HeaderMap);
+
+impl Extractor for NatsExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(name, _)| header_name(name).eq_ignore_ascii_case(key))
+            .and_then(|(_, values)| values.first())
+            .map(|value| value.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| header_name(name)).collect()
+    }
+}
+
+fn header_name(name: &async_nats::header::HeaderName) -> &str {
+    AsRef::<str>::as_ref(name)
+}
+
+/// Writes propagation fields into HTTP headers.
+pub struct HttpInjector<'a>(pub &'a mut http::HeaderMap);
+
+impl Injector for HttpInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Reads propagation fields from HTTP headers (whose names are case-insensitive).
+pub struct HttpExtractor<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for HttpExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Injects `cx` into NATS headers.
+pub fn inject_nats(cx: &Context, headers: &mut async_nats::HeaderMap) {
+    global::get_text_map_propagator(|p| p.inject_context(cx, &mut NatsInjector(headers)));
+}
+
+/// Extracts the remote context from NATS headers. Missing or malformed headers
+/// give an empty context, so the next span starts a new trace.
+pub fn extract_nats(headers: Option<&async_nats::HeaderMap>) -> Context {
+    match headers {
+        Some(headers) => global::get_text_map_propagator(|p| p.extract(&NatsExtractor(headers))),
+        None => Context::new(),
+    }
+}
+
+/// Injects `cx` into HTTP headers.
+pub fn inject_http(cx: &Context, headers: &mut http::HeaderMap) {
+    global::get_text_map_propagator(|p| p.inject_context(cx, &mut HttpInjector(headers)));
+}
+
+/// Extracts the remote context from HTTP headers.
+pub fn extract_http(headers: &http::HeaderMap) -> Context {
+    global::get_text_map_propagator(|p| p.extract(&HttpExtractor(headers)))
+}
+
+/// NATS headers carrying the context of `span` (and the baggage of the
+/// current context).
+pub fn nats_headers_for(span: &tracing::Span) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    inject_nats(&span.context(), &mut headers);
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::KeyValue;
+    use opentelemetry::baggage::BaggageExt;
+    use opentelemetry::propagation::TextMapCompositePropagator;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+    use proptest::prelude::*;
+
+    fn install() {
+        global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(BaggagePropagator::new()),
+        ]));
+    }
+
+    fn remote(trace: u128, span: u64, sampled: bool) -> Context {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from(trace),
+            SpanId::from(span),
+            flags,
+            true,
+            TraceState::default(),
+        ))
+    }
+
+    /// Every letter-case variant of `name`, chosen by the bits of `mask`.
+    fn recase(name: &str, mask: u64) -> String {
+        name.chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if mask >> (i % 64) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn nats_round_trip_in_any_letter_case(
+            trace in 1u128..,
+            span in 1u64..,
+            sampled: bool,
+            tenant in "[a-z][a-z0-9-]{0,15}",
+            mask: u64,
+        ) {
+            install();
+            let cx = remote(trace, span, sampled)
+                .with_baggage(vec![KeyValue::new("tenant.id", tenant.clone())]);
+            let mut injected = async_nats::HeaderMap::new();
+            inject_nats(&cx, &mut injected);
+
+            // Re-write every header under a recased name, as another client might.
+            let mut recased = async_nats::HeaderMap::new();
+            for (name, values) in injected.iter() {
+                for value in values {
+                    recased.append(recase(header_name(name), mask), value.as_str());
+                }
+            }
+            let out = extract_nats(Some(&recased));
+            let sc = out.span().span_context().clone();
+            prop_assert_eq!(sc.trace_id(), TraceId::from(trace));
+            prop_assert_eq!(sc.span_id(), SpanId::from(span));
+            prop_assert_eq!(sc.is_sampled(), sampled);
+            prop_assert!(sc.is_remote());
+            prop_assert_eq!(
+                out.baggage().get("tenant.id").map(|v| v.to_string()),
+                Some(tenant)
+            );
+        }
+
+        #[test]
+        fn http_round_trip(trace in 1u128.., span in 1u64.., sampled: bool) {
+            install();
+            let mut headers = http::HeaderMap::new();
+            inject_http(&remote(trace, span, sampled), &mut headers);
+            let out = extract_http(&headers);
+            let sc = out.span().span_context().clone();
+            prop_assert_eq!(sc.trace_id(), TraceId::from(trace));
+            prop_assert_eq!(sc.span_id(), SpanId::from(span));
+            prop_assert_eq!(sc.is_sampled(), sampled);
+        }
+
+        #[test]
+        fn garbage_traceparent_gives_no_parent(value in "\\PC{0,80}") {
+            install();
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("traceparent", value.as_str());
+            let out = extract_nats(Some(&headers));
+            let sc = out.span().span_context().clone();
+            // Either the value happened to be a valid traceparent, or nothing was taken.
+            prop_assert!(!sc.is_valid() || value.starts_with("00-"));
+        }
+    }
+
+    #[test]
+    fn go_style_header_name_is_read() {
+        install();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        let sc = extract_nats(Some(&headers)).span().span_context().clone();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_sampled());
+    }
+
+    #[test]
+    fn missing_headers_give_empty_context() {
+        install();
+        assert!(!extract_nats(None).span().span_context().is_valid());
+    }
+}

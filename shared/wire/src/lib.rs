@@ -1,0 +1,45 @@
+//! Beamline's NATS wire contract, shared by publishers and consumers: subject
+//! and stream names, the payload of each message type, and the parsing of the
+//! run input every component agrees on.
+//!
+//! Layout:
+//! - [`ids`]: validated identifiers (`RunId`, `TenantId`, `FlowId`, `StepId`).
+//! - [`step`]: a step's definition (`StepSpec`) and its parsing from the API body.
+//! - [`run`]: run status and step results.
+//! - [`submitted`], [`work`], [`events`]: one module per message type
+//!   (`runs.submitted`, `work.<provider>`, `runs.events`).
+//! - [`jetstream`]: the streams, durable consumers and the deduplicated publish.
+
+pub mod events;
+pub mod ids;
+pub mod jetstream;
+pub mod run;
+pub mod step;
+pub mod submitted;
+pub mod work;
+
+/// A message whose payload did not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed {subject} payload: {source}")]
+pub struct DecodeError {
+    pub subject: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Payload encoding shared by every message type (JSON).
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> bytes::Bytes {
+    // Serializing these plain structs to JSON cannot fail (no maps with
+    // non-string keys, no custom serializers).
+    serde_json::to_vec(value).unwrap_or_default().into()
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    subject: &str,
+    payload: &[u8],
+) -> Result<T, DecodeError> {
+    serde_json::from_slice(payload).map_err(|source| DecodeError {
+        subject: subject.to_owned(),
+        source,
+    })
+}

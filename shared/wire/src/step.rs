@@ -1,0 +1,299 @@
+//! A step's definition and its parsing from the API body.
+//!
+//! The gateway parses `{"id","type","input","retry"}` into a [`StepSpec`] once;
+//! every later component receives the typed value, never raw JSON to re-check.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::StepId;
+
+/// What a step does, with its typed input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "input", rename_all = "snake_case")]
+pub enum StepKind {
+    /// Does nothing and succeeds.
+    Noop,
+    /// Sleeps for `ms` milliseconds and succeeds.
+    Delay(DelayInput),
+    /// Fails with `message`, always or with `probability`.
+    Fail(FailInput),
+}
+
+impl StepKind {
+    /// The `type` name: a closed set, safe as a metric label.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Noop => "noop",
+            Self::Delay(_) => "delay",
+            Self::Fail(_) => "fail",
+        }
+    }
+}
+
+/// The step types this version executes.
+pub const STEP_TYPES: [&str; 3] = ["noop", "delay", "fail"];
+
+/// The longest `delay` a step may ask for.
+pub const MAX_DELAY_MS: u64 = 300_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelayInput {
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailInput {
+    #[serde(default = "default_fail_message")]
+    pub message: String,
+    /// Chance of failing on each attempt, 0.0..=1.0.
+    #[serde(default = "one")]
+    pub probability: f64,
+}
+
+fn default_fail_message() -> String {
+    "step failed on purpose".to_owned()
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// How often a failing step is tried again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, including the first (1..=10).
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled for each later one.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Upper bound of the wait between attempts.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_backoff_ms() -> u64 {
+    100
+}
+
+fn default_max_backoff_ms() -> u64 {
+    5_000
+}
+
+pub const MAX_ATTEMPTS: u32 = 10;
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 1,
+            backoff_ms: default_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+/// One step of a run, parsed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub id: StepId,
+    pub kind: StepKind,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// A step as the API body spells it, before parsing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStep {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub step_type: String,
+    #[serde(default)]
+    pub input: Option<Value>,
+    #[serde(default)]
+    pub retry: Option<Value>,
+}
+
+/// A field of the request that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `steps[1].input.ms`.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl StepSpec {
+    /// Parses the step at `index` of the request's `steps`.
+    pub fn parse(index: usize, raw: RawStep) -> Result<Self, FieldError> {
+        let at = |field: &str| format!("steps[{index}].{field}");
+        let id = StepId::parse(raw.id).map_err(|m| FieldError::new(at("id"), m))?;
+        let input = raw.input.unwrap_or(Value::Object(Default::default()));
+        let input_error = |e: serde_json::Error| FieldError::new(at("input"), e.to_string());
+        let kind = match raw.step_type.as_str() {
+            "noop" => match &input {
+                Value::Object(map) if map.is_empty() => StepKind::Noop,
+                Value::Null => StepKind::Noop,
+                _ => return Err(FieldError::new(at("input"), "noop takes no input: use {}")),
+            },
+            "delay" => {
+                let delay: DelayInput = serde_json::from_value(input).map_err(input_error)?;
+                if delay.ms > MAX_DELAY_MS {
+                    return Err(FieldError::new(
+                        at("input.ms"),
+                        format!("must be at most {MAX_DELAY_MS}"),
+                    ));
+                }
+                StepKind::Delay(delay)
+            }
+            "fail" => {
+                let fail: FailInput = serde_json::from_value(input).map_err(input_error)?;
+                if !(0.0..=1.0).contains(&fail.probability) {
+                    return Err(FieldError::new(
+                        at("input.probability"),
+                        "must be between 0.0 and 1.0",
+                    ));
+                }
+                StepKind::Fail(fail)
+            }
+            other => {
+                return Err(FieldError::new(
+                    at("type"),
+                    format!(
+                        "unknown step type {other:?}; expected one of {}",
+                        STEP_TYPES.join(", ")
+                    ),
+                ));
+            }
+        };
+        let retry = match raw.retry {
+            None | Some(Value::Null) => RetryPolicy::default(),
+            Some(value) => {
+                let retry: RetryPolicy = serde_json::from_value(value)
+                    .map_err(|e| FieldError::new(at("retry"), e.to_string()))?;
+                if !(1..=MAX_ATTEMPTS).contains(&retry.max_attempts) {
+                    return Err(FieldError::new(
+                        at("retry.max_attempts"),
+                        format!("must be between 1 and {MAX_ATTEMPTS}"),
+                    ));
+                }
+                retry
+            }
+        };
+        Ok(Self { id, kind, retry })
+    }
+}
+
+/// Parses a run's `steps`: at least one, at most `max`, ids unique.
+pub fn parse_steps(raw: Vec<RawStep>, max: usize) -> Result<Vec<StepSpec>, FieldError> {
+    if raw.is_empty() {
+        return Err(FieldError::new("steps", "must contain at least one step"));
+    }
+    if raw.len() > max {
+        return Err(FieldError::new(
+            "steps",
+            format!("must contain at most {max} steps"),
+        ));
+    }
+    let mut steps: Vec<StepSpec> = Vec::with_capacity(raw.len());
+    for (index, raw) in raw.into_iter().enumerate() {
+        let step = StepSpec::parse(index, raw)?;
+        if steps.iter().any(|s| s.id == step.id) {
+            return Err(FieldError::new(
+                format!("steps[{index}].id"),
+                format!("duplicate step id {:?}", step.id.as_str()),
+            ));
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn raw(v: Value) -> RawStep {
+        serde_json::from_value(v).expect("raw step")
+    }
+
+    #[test]
+    fn parses_each_type() {
+        let steps = parse_steps(
+            vec![
+                raw(json!({"id": "a", "type": "noop"})),
+                raw(json!({"id": "b", "type": "delay", "input": {"ms": 50}})),
+                raw(json!({"id": "c", "type": "fail", "input": {"probability": 0.5}, "retry": {"max_attempts": 3}})),
+            ],
+            10,
+        )
+        .expect("valid");
+        assert_eq!(steps[0].kind, StepKind::Noop);
+        assert_eq!(steps[1].kind, StepKind::Delay(DelayInput { ms: 50 }));
+        assert_eq!(steps[2].retry.max_attempts, 3);
+        // The wire form round-trips.
+        let wire = serde_json::to_string(&steps).expect("encode");
+        let back: Vec<StepSpec> = serde_json::from_str(&wire).expect("decode");
+        assert_eq!(back, steps);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (json!({"id": "a", "type": "teleport"}), "steps[0].type"),
+            (json!({"id": "", "type": "noop"}), "steps[0].id"),
+            (
+                json!({"id": "a", "type": "delay", "input": {"ms": "x"}}),
+                "steps[0].input",
+            ),
+            (
+                json!({"id": "a", "type": "delay", "input": {"ms": 999999999}}),
+                "steps[0].input.ms",
+            ),
+            (
+                json!({"id": "a", "type": "delay", "input": {"ms": 1, "extra": 2}}),
+                "steps[0].input",
+            ),
+            (
+                json!({"id": "a", "type": "fail", "input": {"probability": 2.0}}),
+                "steps[0].input.probability",
+            ),
+            (
+                json!({"id": "a", "type": "noop", "retry": {"max_attempts": 0}}),
+                "steps[0].retry.max_attempts",
+            ),
+        ];
+        for (step, field) in cases {
+            let err = parse_steps(vec![raw(step.clone())], 10).expect_err("invalid");
+            assert_eq!(err.field, field, "{step}");
+        }
+    }
+
+    #[test]
+    fn empty_and_duplicate_steps_are_rejected() {
+        assert_eq!(parse_steps(vec![], 10).expect_err("empty").field, "steps");
+        let err = parse_steps(
+            vec![
+                raw(json!({"id": "a", "type": "noop"})),
+                raw(json!({"id": "a", "type": "noop"})),
+            ],
+            10,
+        )
+        .expect_err("dup");
+        assert_eq!(err.field, "steps[1].id");
+        assert!(err.message.contains("duplicate"));
+    }
+}
