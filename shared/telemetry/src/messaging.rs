@@ -106,7 +106,7 @@ pub fn process_span(delivery: &Delivery<'_>, mode: ContextMode) -> tracing::Span
                 .iter()
                 .map(|(k, (v, m))| (k.clone(), (v.clone(), m.clone())))
                 .collect();
-            let _ = span.set_parent(Context::new().with_value(baggage));
+            let _ = span.set_parent(Context::new().with_baggage(baggage));
             if producer.is_valid() {
                 span.add_link(producer);
             }

@@ -6,7 +6,6 @@
 //! provider is shut down while that runtime is still alive, or the last spans
 //! are lost or shutdown hangs.
 
-use std::future::Future;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
@@ -16,14 +15,9 @@ use crate::{EnvError, ServiceInfo, Settings, Telemetry};
 /// Runs a service. `config` is the service's parsed settings (a bad one exits
 /// with status 2 and one line naming the variable); `app` runs until the
 /// token is cancelled by SIGTERM or Ctrl-C.
-pub fn run<C, F, Fut>(
-    info: &ServiceInfo,
-    config: Result<(C, Settings), EnvError>,
-    app: F,
-) -> ExitCode
+pub fn run<C, F>(info: &ServiceInfo, config: Result<(C, Settings), EnvError>, app: F) -> ExitCode
 where
-    F: FnOnce(C, &Telemetry, CancellationToken) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    F: AsyncFnOnce(C, &Telemetry, CancellationToken) -> anyhow::Result<()>,
 {
     let (config, settings) = match config {
         Ok(parsed) => parsed,

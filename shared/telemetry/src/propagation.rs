@@ -6,6 +6,7 @@
 //! regard to case: Go clients write `Traceparent`, browsers `traceparent`.
 
 use opentelemetry::Context;
+use opentelemetry::baggage::{Baggage, BaggageExt};
 use opentelemetry::global;
 use opentelemetry::propagation::{Extractor, Injector};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -15,7 +16,10 @@ pub struct NatsInjector<'a>(pub &'a mut async_nats::HeaderMap);
 
 impl Injector for NatsInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value);
+        // The propagator writes an empty `tracestate` when there is none.
+        if !value.is_empty() {
+            self.0.insert(key, value);
+        }
     }
 }
 
@@ -45,6 +49,9 @@ pub struct HttpInjector<'a>(pub &'a mut http::HeaderMap);
 
 impl Injector for HttpInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
+        if value.is_empty() {
+            return;
+        }
         if let (Ok(name), Ok(value)) = (
             http::HeaderName::from_bytes(key.as_bytes()),
             http::HeaderValue::from_str(&value),
@@ -91,11 +98,25 @@ pub fn extract_http(headers: &http::HeaderMap) -> Context {
     global::get_text_map_propagator(|p| p.extract(&HttpExtractor(headers)))
 }
 
-/// NATS headers carrying the context of `span` (and the baggage of the
-/// current context).
-pub fn nats_headers_for(span: &tracing::Span) -> async_nats::HeaderMap {
+/// The baggage key that carries the tenant between components.
+pub const TENANT_BAGGAGE_KEY: &str = "tenant.id";
+
+/// `cx` with `tenant.id` set in its baggage (other entries kept).
+pub fn with_tenant(cx: &Context, tenant: &str) -> Context {
+    let mut baggage: Baggage = cx
+        .baggage()
+        .iter()
+        .filter(|(key, _)| key.as_str() != TENANT_BAGGAGE_KEY)
+        .map(|(k, (v, m))| (k.clone(), (v.clone(), m.clone())))
+        .collect();
+    baggage.insert(TENANT_BAGGAGE_KEY, tenant.to_owned());
+    cx.with_baggage(baggage)
+}
+
+/// NATS headers carrying the context of `span`, with the tenant as baggage.
+pub fn nats_headers_for(span: &tracing::Span, tenant: &str) -> async_nats::HeaderMap {
     let mut headers = async_nats::HeaderMap::new();
-    inject_nats(&span.context(), &mut headers);
+    inject_nats(&with_tenant(&span.context(), tenant), &mut headers);
     headers
 }
 

@@ -12,6 +12,27 @@ use async_nats::jetstream::stream::{self, StorageType};
 use async_nats::jetstream::{self as js, Context};
 use tracing::Instrument;
 
+/// Connects to NATS, failing fast at start (reconnects are automatic after).
+pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .event_callback(|event| async move {
+            tracing::info!(event = %event, "nats connection event");
+        })
+        .connect(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to NATS at {url} (NATS_URL): {e}"))
+}
+
+/// Readiness check `nats`: the connection is up.
+pub fn register_health(health: &telemetry::Health, client: &async_nats::Client) {
+    let client = client.clone();
+    health.register("nats", move || {
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        async move { connected }
+    });
+}
+
 /// A stream and the subjects it captures.
 pub struct StreamDef {
     pub name: &'static str,
@@ -113,7 +134,7 @@ pub async fn publish(
     let span = telemetry::messaging::send_span(out.subject, out.message_id);
     span.record("tenant.id", out.tenant_id);
     span.record("run.id", out.run_id);
-    let headers = telemetry::propagation::nats_headers_for(&span);
+    let headers = telemetry::propagation::nats_headers_for(&span, out.tenant_id);
     let subject = out.subject.to_owned();
     let result = async {
         let publish = PublishMessage::build()
@@ -132,4 +153,136 @@ pub async fn publish(
         telemetry::spans::record_error(&span, "publish_failed", &reason);
         PublishError { subject, reason }
     })
+}
+
+/// What to tell JetStream once a message has been handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done: its effect is durable.
+    Ack,
+    /// Not now: redeliver after the delay (a transient failure).
+    Retry(Duration),
+    /// Never: the message cannot be processed (logged and counted by the handler).
+    Reject,
+}
+
+/// How a consume loop runs.
+pub struct ConsumeOptions {
+    /// The durable consumer's name (the span's `messaging.consumer.group.name`).
+    pub group: String,
+    pub context_mode: telemetry::ContextMode,
+    /// Messages handled at once.
+    pub concurrency: usize,
+    /// Send an in-progress ack this often while a handler runs, so long work
+    /// is not redelivered to another replica. `None` for short handlers.
+    pub progress_every: Option<Duration>,
+}
+
+/// Pulls messages from `consumer` and runs `handler` on each inside a
+/// `process <subject>` CONSUMER span, at most `concurrency` at a time, acking
+/// as the handler says. Stops pulling when `shutdown` is cancelled, waits for
+/// the handlers already running, and returns.
+pub async fn consume<H, Fut>(
+    consumer: PullConsumer,
+    options: ConsumeOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+    handler: H,
+) -> anyhow::Result<()>
+where
+    H: Fn(js::Message) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Disposition> + Send + 'static,
+{
+    use futures::StreamExt as _;
+
+    let concurrency = options.concurrency.max(1);
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("pulling from {}: {e}", options.group))?;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let options = std::sync::Arc::new(options);
+    let mut running = tokio::task::JoinSet::new();
+
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit?,
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = messages.next() => next,
+        };
+        // Reap finished handlers so the set does not grow.
+        while running.try_join_next().is_some() {}
+        let message = match next {
+            None => anyhow::bail!("the message stream of {} ended", options.group),
+            Some(Err(err)) => {
+                // Transient pull errors (missed heartbeats, reconnects) are
+                // retried by the stream itself.
+                tracing::warn!(consumer = %options.group, error = %err, "pull failed");
+                continue;
+            }
+            Some(Ok(message)) => message,
+        };
+        let handler = handler.clone();
+        let options = options.clone();
+        running.spawn(async move {
+            handle_one(message, &options, handler).await;
+            drop(permit);
+        });
+    }
+    while running.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn handle_one<H, Fut>(message: js::Message, options: &ConsumeOptions, handler: H)
+where
+    H: Fn(js::Message) -> Fut,
+    Fut: std::future::Future<Output = Disposition>,
+{
+    let delivery_count = message
+        .info()
+        .map(|i| i.delivered.max(1) as u64)
+        .unwrap_or(1);
+    let span = telemetry::messaging::process_span(
+        &telemetry::messaging::Delivery {
+            subject: message.subject.as_str(),
+            headers: message.headers.as_ref(),
+            consumer_group: &options.group,
+            delivery_count,
+        },
+        options.context_mode,
+    );
+    let acker = message.clone();
+    let work = handler(message).instrument(span.clone());
+    let disposition = match options.progress_every {
+        None => work.await,
+        Some(every) => {
+            tokio::pin!(work);
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    disposition = &mut work => break disposition,
+                    _ = tick.tick() => {
+                        if let Err(err) = acker.ack_with(js::AckKind::Progress).await {
+                            tracing::warn!(parent: &span, error = %err, "in-progress ack failed");
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let kind = match disposition {
+        Disposition::Ack => js::AckKind::Ack,
+        Disposition::Retry(delay) => js::AckKind::Nak(Some(delay)),
+        Disposition::Reject => js::AckKind::Term,
+    };
+    // Double ack: the server confirms, so an Ack is known to have landed.
+    if let Err(err) = acker.double_ack_with(kind).await {
+        telemetry::spans::record_error(&span, "ack_failed", &err.to_string());
+        tracing::warn!(parent: &span, error = %err, "ack failed; the message will be redelivered");
+    }
 }

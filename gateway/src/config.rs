@@ -1,0 +1,74 @@
+//! The gateway's settings, from the environment (DESIGN §2b).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use telemetry::env::{self, EnvError};
+
+use crate::auth::ApiKeys;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub nats_url: String,
+    pub database_url: String,
+    pub api_keys: ApiKeys,
+    /// Base of `trace_url` in responses.
+    pub jaeger_ui_url: String,
+    /// Largest accepted request body, bytes.
+    pub body_limit: usize,
+    /// Most steps in one run.
+    pub max_steps: usize,
+    /// How long to wait for JetStream to store a submitted run before 503.
+    pub publish_timeout: Duration,
+    /// Redelivery delay of `runs.events` messages that were not acked.
+    pub events_ack_wait: Duration,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, EnvError> {
+        let api_keys = match env::raw("GATEWAY_API_KEYS") {
+            None => ApiKeys::default(),
+            Some(value) => ApiKeys::parse(&value)
+                .map_err(|reason| EnvError::new("GATEWAY_API_KEYS", "<redacted>", reason))?,
+        };
+        let database_url = env::string_or("DATABASE_URL", "sqlite://beamline-gateway.db?mode=rwc");
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(EnvError::new(
+                "DATABASE_URL",
+                &database_url,
+                "expected a sqlite: or postgres:// URL",
+            ));
+        }
+        Ok(Self {
+            listen_addr: env::parse_or(
+                "GATEWAY_LISTEN_ADDR",
+                SocketAddr::from(([0, 0, 0, 0], 3000)),
+            )?,
+            admin_addr: env::parse_or(
+                "GATEWAY_ADMIN_ADDR",
+                SocketAddr::from(([0, 0, 0, 0], 3001)),
+            )?,
+            nats_url: env::string_or("NATS_URL", "nats://127.0.0.1:4222"),
+            database_url,
+            api_keys,
+            jaeger_ui_url: env::string_or("JAEGER_UI_URL", "http://localhost:16686")
+                .trim_end_matches('/')
+                .to_owned(),
+            body_limit: env::parse_or("GATEWAY_BODY_LIMIT_BYTES", 256 * 1024)?,
+            max_steps: env::parse_or("GATEWAY_MAX_STEPS", 100)?,
+            publish_timeout: Duration::from_millis(env::parse_or(
+                "GATEWAY_PUBLISH_TIMEOUT_MS",
+                5_000,
+            )?),
+            events_ack_wait: Duration::from_secs(env::parse_or(
+                "GATEWAY_EVENTS_ACK_WAIT_SECS",
+                30,
+            )?),
+        })
+    }
+}

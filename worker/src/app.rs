@@ -1,0 +1,134 @@
+//! Building and running the worker.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::PullConsumer;
+use telemetry::Telemetry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use wire::jetstream::{ConsumeOptions, ConsumerDef};
+
+use crate::config::Config;
+use crate::consume;
+use crate::events::QueueDepth;
+
+pub struct App {
+    config: Config,
+    admin: TcpListener,
+    admin_router: axum::Router,
+    nats: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
+    health: telemetry::Health,
+    context_mode: telemetry::ContextMode,
+}
+
+impl App {
+    pub async fn build(config: Config, telemetry: &Telemetry) -> anyhow::Result<Self> {
+        crate::events::describe();
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("binding WORKER_ADMIN_ADDR {}", config.admin_addr))?;
+        let nats = wire::jetstream::connect(&config.nats_url, "worker").await?;
+        let jetstream = async_nats::jetstream::new(nats.clone());
+        wire::jetstream::ensure_streams(&jetstream).await?;
+        wire::jetstream::register_health(&telemetry.health, &nats);
+        Ok(Self {
+            config,
+            admin,
+            admin_router: telemetry.admin_router(),
+            nats,
+            jetstream,
+            health: telemetry.health.clone(),
+            context_mode: telemetry.settings.messaging_context,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin_addr)
+    }
+
+    /// Executes runs until `shutdown` is cancelled; running runs finish first.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut tasks = JoinSet::new();
+        for provider in &self.config.providers {
+            let durable = consume::durable(provider.as_str());
+            let subject = wire::work::subject(provider);
+            let consumer = wire::jetstream::durable_consumer(
+                &self.jetstream,
+                &ConsumerDef {
+                    stream: wire::jetstream::WORK.name,
+                    durable: &durable,
+                    filter_subject: &subject,
+                    ack_wait: self.config.ack_wait,
+                    max_deliver: -1,
+                },
+            )
+            .await?;
+            tasks.spawn(watch_queue_depth(
+                consumer.clone(),
+                provider.to_string(),
+                self.config.queue_depth_every,
+                shutdown.clone(),
+            ));
+            let jetstream = self.jetstream.clone();
+            tasks.spawn(wire::jetstream::consume(
+                consumer,
+                ConsumeOptions {
+                    group: durable,
+                    context_mode: self.context_mode,
+                    concurrency: self.config.concurrency,
+                    progress_every: Some(self.config.ack_wait / 3),
+                },
+                shutdown.clone(),
+                move |message| consume::handle(jetstream.clone(), message),
+            ));
+        }
+        let admin = tokio::spawn(telemetry::admin::serve(
+            self.admin,
+            self.admin_router,
+            shutdown.clone().cancelled_owned(),
+        ));
+        tracing::info!(
+            admin = %self.config.admin_addr,
+            providers = ?self.config.providers.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+            "worker started"
+        );
+
+        shutdown.cancelled().await;
+        self.health.set_stopping();
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        admin.await?.context("serving the admin port")?;
+        self.nats.flush().await.context("flushing NATS")?;
+        Ok(())
+    }
+}
+
+/// Refreshes `worker_queue_depth{provider}` from the consumer's pending count.
+async fn watch_queue_depth(
+    mut consumer: PullConsumer,
+    provider: String,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        match consumer.info().await {
+            Ok(info) => QueueDepth {
+                provider: &provider,
+                pending: info.num_pending,
+            }
+            .emit(),
+            Err(err) => {
+                tracing::warn!(provider, error = %err, "cannot read the consumer's pending count")
+            }
+        }
+    }
+}

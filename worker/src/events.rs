@@ -1,0 +1,111 @@
+//! The worker's telemetry events and metric names.
+
+use std::time::Duration;
+
+use wire::run::StepStatus;
+
+pub const STEP_EXECUTIONS_TOTAL: &str = "worker_step_executions_total";
+pub const STEP_DURATION_SECONDS: &str = "worker_step_duration_seconds";
+pub const STEP_RETRIES_TOTAL: &str = "worker_step_retries_total";
+pub const RUNS_IN_FLIGHT: &str = "worker_runs_in_flight";
+pub const RUNS_COMPLETED_TOTAL: &str = "worker_runs_completed_total";
+pub const QUEUE_DEPTH: &str = "worker_queue_depth";
+
+pub fn describe() {
+    metrics::describe_counter!(
+        STEP_EXECUTIONS_TOTAL,
+        "Step attempts, by step type, status and tenant."
+    );
+    metrics::describe_histogram!(
+        STEP_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of one step attempt, by step type and status."
+    );
+    metrics::describe_counter!(
+        STEP_RETRIES_TOTAL,
+        "Step attempts that were retried, by step type and reason."
+    );
+    metrics::describe_gauge!(RUNS_IN_FLIGHT, "Runs being executed by this worker now.");
+    metrics::describe_counter!(
+        RUNS_COMPLETED_TOTAL,
+        "Runs this worker finished, by provider and final status."
+    );
+    metrics::describe_gauge!(
+        QUEUE_DEPTH,
+        "Messages waiting in the provider's JetStream consumer (not yet delivered)."
+    );
+}
+
+/// One step attempt finished.
+pub struct StepExecuted<'a> {
+    pub step_type: &'static str,
+    pub status: StepStatus,
+    pub tenant_id: &'a str,
+    pub elapsed: Duration,
+}
+
+impl StepExecuted<'_> {
+    pub fn emit(self) {
+        let status = self.status.as_str();
+        tracing::info!(
+            step.status = status,
+            duration_ms = self.elapsed.as_secs_f64() * 1000.0,
+            "step attempt finished"
+        );
+        metrics::counter!(
+            STEP_EXECUTIONS_TOTAL,
+            "step_type" => self.step_type,
+            "status" => status,
+            "tenant_id" => self.tenant_id.to_owned()
+        )
+        .increment(1);
+        metrics::histogram!(STEP_DURATION_SECONDS, "step_type" => self.step_type, "status" => status)
+            .record(self.elapsed.as_secs_f64());
+    }
+}
+
+/// A failed attempt will be tried again.
+pub struct StepRetried {
+    pub step_type: &'static str,
+    pub reason: &'static str,
+}
+
+impl StepRetried {
+    pub fn emit(self) {
+        tracing::info!(reason = self.reason, "step will be retried");
+        metrics::counter!(STEP_RETRIES_TOTAL, "step_type" => self.step_type, "reason" => self.reason).increment(1);
+    }
+}
+
+/// A run started (`+1` in flight) or ended (`-1`, counted by status).
+pub struct RunInFlight<'a> {
+    pub provider: &'a str,
+    pub finished: Option<wire::run::RunStatus>,
+}
+
+impl RunInFlight<'_> {
+    pub fn emit(self) {
+        match self.finished {
+            None => metrics::gauge!(RUNS_IN_FLIGHT).increment(1.0),
+            Some(status) => {
+                metrics::gauge!(RUNS_IN_FLIGHT).decrement(1.0);
+                tracing::info!(run.status = status.as_str(), "run finished");
+                metrics::counter!(RUNS_COMPLETED_TOTAL, "provider" => self.provider.to_owned(), "status" => status.as_str())
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// The provider's consumer backlog was measured.
+pub struct QueueDepth<'a> {
+    pub provider: &'a str,
+    pub pending: u64,
+}
+
+impl QueueDepth<'_> {
+    pub fn emit(self) {
+        metrics::gauge!(QUEUE_DEPTH, "provider" => self.provider.to_owned())
+            .set(self.pending as f64);
+    }
+}
