@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Stop what scripts/dev-up.sh started: gateway, router, worker and, only if
+# dev-up started it, nats-server. SIGTERM first, SIGKILL after a grace period.
+#
+# Usage: scripts/dev-down.sh [--purge]
+#   --purge  also delete .dev/ (logs, SQLite run store, JetStream data)
+# DEV_STOP_TIMEOUT [10] is the grace period in seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "$ROOT"
+DEV=.dev
+GRACE="${DEV_STOP_TIMEOUT:-10}"
+
+purge=0
+for arg in "$@"; do
+    case "$arg" in
+        --purge) purge=1 ;;
+        -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) echo "dev-down: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf 'dev-down: %s\n' "$*"; }
+
+# True when process $1 exists and is not a zombie (an exited child that its
+# new parent has not reaped yet still answers kill -0).
+running() {
+    local state
+    kill -0 "$1" 2>/dev/null || return 1
+    state="$(sed -n 's/^.*) \(.\).*$/\1/p' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ $state != Z ]]
+}
+
+# Print the pid in .dev/$1.pid if it names a live process whose command is $2
+# and whose working directory is this checkout (a reused pid is not ours).
+live_pid() {
+    local pidfile="$DEV/$1.pid" pid comm cwd
+    [[ -s $pidfile ]] || return 1
+    pid="$(<"$pidfile")"
+    running "$pid" || return 1
+    comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
+    cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null || true)"
+    [[ -z $comm || $comm == "$2" ]] || return 1
+    [[ -z $cwd || $cwd == "$ROOT" ]] || return 1
+    printf '%s' "$pid"
+}
+
+# stop NAME...: SIGTERM each one's process (the command of "nats" is
+# nats-server), wait up to GRACE seconds for all, then SIGKILL what remains.
+stop() {
+    local name pid deadline
+    local -A pids=()
+    for name in "$@"; do
+        if pid="$(live_pid "$name" "${name/nats/nats-server}")"; then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids[$name]=$pid
+            log "stopping $name (pid $pid)"
+        elif [[ -e $DEV/$name.pid ]]; then
+            log "$name is not running"
+        fi
+        rm -f "$DEV/$name.pid"
+    done
+    deadline=$((SECONDS + GRACE))
+    for name in "${!pids[@]}"; do
+        pid="${pids[$name]}"
+        while running "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+        if running "$pid"; then
+            log "$name did not stop within ${GRACE}s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
+if [[ -d $DEV ]]; then
+    # Services first, so they can drain against a live broker; then NATS
+    # (its pid file exists only if dev-up started it).
+    stop gateway router worker
+    stop nats
+fi
+
+if ((purge)); then
+    rm -rf "$DEV"
+    log "removed $DEV/"
+fi
+log "done"
