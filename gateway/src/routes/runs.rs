@@ -276,23 +276,16 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// Parses the body, naming the field at fault (`steps[0].id: …`).
 fn parse_body(body: &[u8]) -> Result<CreateRunBody, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let parsed: CreateRunBody =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                ApiError::MalformedJson(inner.to_string())
-            } else if path == "." {
-                ApiError::InvalidField(FieldError::new("body", strip_position(&inner)))
-            } else {
-                ApiError::InvalidField(FieldError::new(path, strip_position(&inner)))
-            }
-        })?;
-    deserializer
-        .end()
-        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    Ok(parsed)
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    if !value.is_object() {
+        return Err(FieldError::new("body", "must be a JSON object").into());
+    }
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        FieldError::new(field, strip_position(err.inner())).into()
+    })
 }
 
 /// serde_json's message without its " at line 1 column 42" suffix.

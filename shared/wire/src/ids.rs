@@ -106,10 +106,10 @@ mod tests {
     #[test]
     fn idents_are_checked() {
         assert!(StepId::parse("fetch-1").is_ok());
-        assert!(StepId::parse("").unwrap_err().contains("empty"));
-        assert!(StepId::parse("a b").unwrap_err().contains("' '"));
+        assert!(StepId::parse("").expect_err("invalid").contains("empty"));
+        assert!(StepId::parse("a b").expect_err("invalid").contains("' '"));
         assert!(ProviderId::parse("a.b").is_err());
-        assert!(StepId::parse("x".repeat(65)).unwrap_err().contains("64"));
+        assert!(StepId::parse("x".repeat(65)).expect_err("invalid").contains("64"));
         assert!(serde_json::from_str::<StepId>("\"a/b\"").is_err());
     }
 }

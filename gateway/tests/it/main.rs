@@ -1,0 +1,8 @@
+//! The gateway's integration tests, and the cross-process tests of the whole
+//! path: real nats-server, real processes, real HTTP, spans over real OTLP/gRPC.
+
+mod api;
+mod durability;
+mod e2e;
+mod process;
+mod stack;
