@@ -448,3 +448,64 @@ fn assert_histogram(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) {
         "{metric} is not a histogram with observations"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_mode_starts_a_trace_per_hop_linked_to_the_producer() {
+    let mut stack = Stack::new().await;
+    stack
+        .extra_env
+        .insert("TELEMETRY_MESSAGING_CONTEXT".into(), "link".into());
+    for component in [Component::Gateway, Component::Router, Component::Worker] {
+        stack.start(component).await;
+    }
+    let accepted = stack.submit_ok(&sample_run()).await;
+    let run_id = accepted["run_id"].as_str().expect("run_id").to_owned();
+    let trace_id = accepted["trace_id"].as_str().expect("trace_id").to_owned();
+    let run = stack.wait_terminal(&run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "succeeded");
+
+    // The gateway's request trace holds only the request and its send.
+    let request = stack
+        .otlp
+        .wait_for_trace(&trace_id, 2, Duration::from_secs(10))
+        .await;
+    let send = one(&request, "send runs.submitted");
+
+    // Each hop's process span is a root in its own trace, linked to the send span.
+    let routed = testkit::eventually(
+        Duration::from_secs(10),
+        "the router's process span",
+        || async {
+            stack.otlp.spans().into_iter().find(|s| {
+                s.name == "process runs.submitted" && s.attr("run.id") == Some(run_id.as_str())
+            })
+        },
+    )
+    .await;
+    assert_eq!(routed.parent_span_id, None);
+    assert_ne!(routed.trace_id, trace_id);
+    assert_eq!(routed.links, vec![(trace_id.clone(), send.span_id.clone())]);
+
+    let dispatched = stack
+        .otlp
+        .wait_for_trace(&routed.trace_id, 5, Duration::from_secs(10))
+        .await;
+    let work_send = one(&dispatched, "send work.default");
+    let work = testkit::eventually(
+        Duration::from_secs(10),
+        "the worker's process span",
+        || async {
+            stack.otlp.spans().into_iter().find(|s| {
+                s.name == "process work.default" && s.attr("run.id") == Some(run_id.as_str())
+            })
+        },
+    )
+    .await;
+    assert_eq!(work.parent_span_id, None);
+    assert_eq!(
+        work.links,
+        vec![(routed.trace_id.clone(), work_send.span_id.clone())]
+    );
+    // Correlation attributes come from the payload, whatever the trace shape.
+    assert_attr(&work, "tenant.id", "demo");
+}
