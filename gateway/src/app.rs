@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use wire::jetstream::{ConsumeOptions, ConsumerDef};
 
 use crate::config::Config;
-use crate::routes::runs;
+use crate::routes::{approvals, runs};
 use crate::store::Store;
 use crate::{consumer, http_trace};
 
@@ -23,6 +23,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
     pub jetstream: async_nats::jetstream::Context,
+    /// Approval decisions (key `<run_id>.<step_id>`), read by the worker.
+    pub approvals: async_nats::jetstream::kv::Store,
 }
 
 impl AppState {
@@ -54,6 +56,7 @@ impl App {
         let nats = wire::jetstream::connect(&config.nats_url, "gateway").await?;
         let jetstream = async_nats::jetstream::new(nats.clone());
         wire::jetstream::ensure_streams(&jetstream).await?;
+        let approvals = wire::approvals::bucket(&jetstream).await?;
 
         let health = &telemetry.health;
         wire::jetstream::register_health(health, &nats);
@@ -68,6 +71,7 @@ impl App {
                 config: Arc::new(config),
                 store,
                 jetstream,
+                approvals,
             },
             api,
             admin,
@@ -115,6 +119,7 @@ impl App {
                 context_mode: self.context_mode,
                 concurrency: 1,
                 progress_every: None,
+                drain: None,
             },
             shutdown.clone(),
             move |message| consumer::handle(store.clone(), message),
@@ -155,6 +160,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(runs::COLLECTION, post(runs::create))
         .route(runs::ITEM, get(runs::get))
+        .route(approvals::APPROVE, post(approvals::approve))
+        .route(approvals::REJECT, post(approvals::reject))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(http_trace::layer))

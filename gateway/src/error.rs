@@ -22,8 +22,12 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
-    #[error("the message broker did not take the run; nothing was accepted, retry later")]
+    #[error("the message broker did not take the request; nothing was recorded, retry later")]
     BrokerUnavailable,
+    #[error("that step is not awaiting approval")]
+    NotAwaitingApproval,
+    #[error("a decision was already made for that step")]
+    AlreadyDecided,
     #[error("internal error")]
     Unexpected(#[from] anyhow::Error),
 }
@@ -40,6 +44,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotAwaitingApproval | Self::AlreadyDecided => StatusCode::CONFLICT,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -54,6 +59,8 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::BrokerUnavailable => "broker_unavailable",
+            Self::NotAwaitingApproval => "not_awaiting_approval",
+            Self::AlreadyDecided => "already_decided",
             Self::Unexpected(_) => "internal",
         }
     }

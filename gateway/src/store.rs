@@ -106,13 +106,15 @@ impl Store {
         row.map(|row| decode_row(&row)).transpose()
     }
 
-    /// Applies a worker's report. Only moves a run forward (see
-    /// [`RunStatus::rank`]); returns whether anything changed.
+    /// Applies a worker's report. Only moves a run forward: to a higher
+    /// [`RunStatus::rank`], or within the non-terminal rank to a later event
+    /// (`running ⇄ awaiting_approval`); returns whether anything changed.
     pub async fn apply_event(&self, event: &RunEvent) -> anyhow::Result<bool> {
         let result = sqlx::query(
             "UPDATE runs SET status = $1, status_rank = $2, results = $3, \
              provider = COALESCE($4, provider), error = $5, updated_at = $6 \
-             WHERE run_id = $7 AND tenant_id = $8 AND status_rank < $2",
+             WHERE run_id = $7 AND tenant_id = $8 \
+             AND (status_rank < $2 OR (status_rank = $2 AND $2 < 3 AND updated_at < $6))",
         )
         .bind(event.status.as_str())
         .bind(event.status.rank())

@@ -72,6 +72,7 @@ impl App {
                 context_mode: self.context_mode,
                 concurrency: self.config.concurrency,
                 progress_every: None,
+                drain: None,
             },
             shutdown.clone(),
             move |message| dispatcher.clone().handle(message),

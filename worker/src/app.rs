@@ -1,6 +1,7 @@
 //! Building and running the worker.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
@@ -10,9 +11,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use wire::jetstream::{ConsumeOptions, ConsumerDef};
 
+use crate::blocks::Blocks;
+use crate::blocks::approval::ApprovalBlock;
+use crate::blocks::fs::FsBlock;
+use crate::blocks::http::HttpBlock;
+use crate::blocks::sql::SqlBlock;
 use crate::config::Config;
-use crate::consume;
+use crate::consume::{self, Executor};
 use crate::events::QueueDepth;
+use crate::progress::ProgressStore;
 
 pub struct App {
     config: Config,
@@ -49,8 +56,26 @@ impl App {
         self.admin.local_addr().unwrap_or(self.config.admin_addr)
     }
 
-    /// Executes runs until `shutdown` is cancelled; running runs finish first.
+    /// Executes runs until `shutdown` is cancelled; running runs get
+    /// `WORKER_SHUTDOWN_GRACE_SECS` to finish, then are naked for another
+    /// replica.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let executor = Arc::new(Executor {
+            jetstream: self.jetstream.clone(),
+            blocks: Blocks {
+                http: HttpBlock::new(self.config.http_allow.clone(), self.config.http_max_body)?,
+                sql: SqlBlock::new(
+                    self.config.database_url.clone(),
+                    self.config.sql_allow_writes,
+                    self.config.sql_max_rows,
+                ),
+                fs: FsBlock::new(&self.config.fs_root)
+                    .with_context(|| format!("WORKER_FS_ROOT {}", self.config.fs_root.display()))?,
+                approval: ApprovalBlock::new(wire::approvals::bucket(&self.jetstream).await?),
+            },
+            progress: ProgressStore::open(&self.jetstream).await?,
+            max_deliver: self.config.max_deliver,
+        });
         let mut tasks = JoinSet::new();
         for provider in &self.config.providers {
             let durable = consume::durable(provider.as_str());
@@ -72,7 +97,7 @@ impl App {
                 self.config.queue_depth_every,
                 shutdown.clone(),
             ));
-            let jetstream = self.jetstream.clone();
+            let executor = executor.clone();
             tasks.spawn(wire::jetstream::consume(
                 consumer,
                 ConsumeOptions {
@@ -80,9 +105,10 @@ impl App {
                     context_mode: self.context_mode,
                     concurrency: self.config.concurrency,
                     progress_every: Some(self.config.ack_wait / 3),
+                    drain: Some(self.config.shutdown_grace),
                 },
                 shutdown.clone(),
-                move |message| consume::handle(jetstream.clone(), message),
+                move |message| executor.clone().handle(message),
             ));
         }
         let admin = tokio::spawn(telemetry::admin::serve(

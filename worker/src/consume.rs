@@ -1,115 +1,225 @@
-//! The `work.<provider>` consumer: execute the run, report it, then ack.
+//! The `work.<provider>` consumer: checkpointed execution, reports, dead letters.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
+use opentelemetry::KeyValue;
 use telemetry::events::ComponentError;
-use time::OffsetDateTime;
-use wire::events::RunEvent;
-use wire::jetstream::{Disposition, Outgoing};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use wire::jetstream::Disposition;
 use wire::run::RunStatus;
 use wire::work::WorkItem;
 
-use crate::events::RunInFlight;
-use crate::execute::{RunOutcome, run_steps};
+use crate::blocks::Blocks;
+use crate::events::{DeadLettered, RunInFlight};
+use crate::execute::{Journal, RunOutcome, run_steps};
+use crate::progress::ProgressStore;
 
 /// The durable consumer name for one provider (shared by its replicas).
 pub fn durable(provider: &str) -> String {
     format!("worker-{provider}")
 }
 
-/// Executes one dispatched run. The message is acked only after the final
-/// `runs.events` report is stored; a crash before that means redelivery and
-/// the run is executed again.
-pub async fn handle(jetstream: async_nats::jetstream::Context, message: Message) -> Disposition {
-    let span = tracing::Span::current();
-    let item = match WorkItem::decode(message.subject.as_str(), &message.payload) {
-        Ok(item) => item,
-        Err(err) => {
-            telemetry::spans::record_error(&span, "decode_failed", &err.to_string());
+/// What every handler shares.
+pub struct Executor {
+    pub jetstream: async_nats::jetstream::Context,
+    pub blocks: Blocks,
+    pub progress: ProgressStore,
+    /// Deliveries after which a run is dead-lettered instead of executed again.
+    pub max_deliver: u64,
+}
+
+impl Executor {
+    /// Executes one dispatched run. The message is acked only after the final
+    /// report is stored; a crash before that means redelivery, and the new
+    /// attempt skips the steps the checkpoint says are done.
+    pub async fn handle(self: Arc<Self>, message: Message) -> Disposition {
+        let span = tracing::Span::current();
+        let delivered = message
+            .info()
+            .map(|i| i.delivered.max(1) as u64)
+            .unwrap_or(1);
+        let item = match WorkItem::decode(message.subject.as_str(), &message.payload) {
+            Ok(item) => item,
+            Err(err) => {
+                telemetry::spans::record_error(&span, "decode_failed", &err.to_string());
+                ComponentError {
+                    code: "decode_failed",
+                    message: &err,
+                }
+                .emit();
+                // Kept for inspection, never retried.
+                return match self.dead_letter(&message, "decode_failed", None).await {
+                    Ok(()) => Disposition::Reject,
+                    Err(disposition) => disposition,
+                };
+            }
+        };
+        let run = &item.run;
+        span.record("tenant.id", run.tenant_id.as_str());
+        span.record("run.id", run.run_id.as_str());
+        span.record("flow.id", run.flow_id.as_str());
+
+        let mut journal = Journal {
+            jetstream: self.jetstream.clone(),
+            store: self.progress.clone(),
+            progress: match self.progress.load(&run.run_id).await {
+                Ok(progress) => progress,
+                Err(err) => {
+                    ComponentError {
+                        code: "progress_unavailable",
+                        message: &format!("{err:#}"),
+                    }
+                    .emit();
+                    return Disposition::Retry(Duration::from_secs(2));
+                }
+            },
+            provider: item.provider.clone(),
+        };
+        // A redelivery: show where the earlier attempt went.
+        if let Some(earlier) = journal.progress.earlier_attempt() {
+            span.add_link_with_attributes(
+                earlier,
+                vec![KeyValue::new("link.reason", "redelivery")],
+            );
+        }
+
+        if delivered > self.max_deliver {
+            let reason = format!(
+                "max_deliveries_exceeded: delivered {delivered} times (WORKER_MAX_DELIVER={})",
+                self.max_deliver
+            );
+            telemetry::spans::record_error(&span, "max_deliveries_exceeded", &reason);
+            if let Err(disposition) = self
+                .dead_letter(&message, "max_deliveries_exceeded", Some(&item))
+                .await
+            {
+                return disposition;
+            }
+            if let Err(err) = journal
+                .report(
+                    run,
+                    RunStatus::Failed,
+                    journal.progress.steps.clone(),
+                    Some(reason),
+                )
+                .await
+            {
+                ComponentError {
+                    code: "publish_failed",
+                    message: &err,
+                }
+                .emit();
+                return Disposition::Retry(Duration::from_secs(2));
+            }
+            let _ = self.progress.clear(&run.run_id).await;
+            return Disposition::Ack;
+        }
+
+        let cx = span.context();
+        let this_attempt = opentelemetry::trace::TraceContextExt::span(&cx)
+            .span_context()
+            .clone();
+        if this_attempt.is_valid() {
+            journal.progress.attempt = Some((
+                this_attempt.trace_id().to_string(),
+                this_attempt.span_id().to_string(),
+            ));
+            journal.checkpoint(run).await;
+        }
+
+        if let Err(err) = journal
+            .report(
+                run,
+                RunStatus::Running,
+                journal.progress.steps.clone(),
+                None,
+            )
+            .await
+        {
             ComponentError {
-                code: "decode_failed",
+                code: "publish_failed",
                 message: &err,
             }
             .emit();
-            return Disposition::Reject;
+            return Disposition::Retry(Duration::from_secs(2));
         }
-    };
-    let run = &item.run;
-    span.record("tenant.id", run.tenant_id.as_str());
-    span.record("run.id", run.run_id.as_str());
-    span.record("flow.id", run.flow_id.as_str());
 
-    let started = RunEvent {
-        run_id: run.run_id.clone(),
-        tenant_id: run.tenant_id.clone(),
-        status: RunStatus::Running,
-        provider: Some(item.provider.clone()),
-        steps: Vec::new(),
-        error: None,
-        at: OffsetDateTime::now_utc(),
-    };
-    if let Err(disposition) = report(&jetstream, &started).await {
-        return disposition;
-    }
-
-    RunInFlight {
-        provider: item.provider.as_str(),
-        finished: None,
-    }
-    .emit();
-    let RunOutcome {
-        status,
-        steps,
-        error,
-    } = run_steps(run).await;
-    RunInFlight {
-        provider: item.provider.as_str(),
-        finished: Some(status),
-    }
-    .emit();
-    if let Some(error) = &error {
-        telemetry::spans::record_error(&span, "run_failed", error);
-    }
-
-    let finished = RunEvent {
-        run_id: run.run_id.clone(),
-        tenant_id: run.tenant_id.clone(),
-        status,
-        provider: Some(item.provider.clone()),
-        steps,
-        error,
-        at: OffsetDateTime::now_utc(),
-    };
-    match report(&jetstream, &finished).await {
-        Ok(()) => Disposition::Ack,
-        Err(disposition) => disposition,
-    }
-}
-
-async fn report(
-    jetstream: &async_nats::jetstream::Context,
-    event: &RunEvent,
-) -> Result<(), Disposition> {
-    let message_id = event.message_id();
-    wire::jetstream::publish(
-        jetstream,
-        Outgoing {
-            subject: wire::events::SUBJECT,
-            message_id: &message_id,
-            payload: event.encode(),
-            tenant_id: event.tenant_id.as_str(),
-            run_id: event.run_id.as_str(),
-        },
-    )
-    .await
-    .map(|_| ())
-    .map_err(|err| {
-        ComponentError {
-            code: "publish_failed",
-            message: &err,
+        RunInFlight {
+            provider: item.provider.as_str(),
+            finished: None,
         }
         .emit();
-        Disposition::Retry(Duration::from_secs(2))
-    })
+        let RunOutcome {
+            status,
+            steps,
+            error,
+        } = run_steps(&self.blocks, run, &mut journal).await;
+        RunInFlight {
+            provider: item.provider.as_str(),
+            finished: Some(status),
+        }
+        .emit();
+        if let Some(error) = &error {
+            telemetry::spans::record_error(&span, "run_failed", error);
+        }
+        match journal.report(run, status, steps, error).await {
+            Ok(()) => {
+                if let Err(err) = self.progress.clear(&run.run_id).await {
+                    tracing::warn!(error = format!("{err:#}"), "cannot clear run progress");
+                }
+                Disposition::Ack
+            }
+            Err(err) => {
+                ComponentError {
+                    code: "publish_failed",
+                    message: &err,
+                }
+                .emit();
+                Disposition::Retry(Duration::from_secs(2))
+            }
+        }
+    }
+
+    /// Stores the message on `deadletter.<subject>` with its headers and a
+    /// reason header.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        reason: &'static str,
+        item: Option<&WorkItem>,
+    ) -> Result<(), Disposition> {
+        let mut headers = message.headers.clone().unwrap_or_default();
+        headers.insert("Beamline-Dead-Letter-Reason", reason);
+        let subject = format!("deadletter.{}", message.subject);
+        let stored = async {
+            self.jetstream
+                .publish_with_headers(subject, headers, message.payload.clone())
+                .await?
+                .await
+                .map(|_| ())
+                .map_err(async_nats::Error::from)
+        }
+        .await;
+        match stored {
+            Ok(()) => {
+                DeadLettered {
+                    subject: message.subject.as_str(),
+                    reason,
+                    run_id: item.map(|i| i.run.run_id.as_str()),
+                }
+                .emit();
+                Ok(())
+            }
+            Err(err) => {
+                ComponentError {
+                    code: "publish_failed",
+                    message: &err,
+                }
+                .emit();
+                Err(Disposition::Retry(Duration::from_secs(2)))
+            }
+        }
+    }
 }

@@ -10,6 +10,9 @@ pub const STEP_RETRIES_TOTAL: &str = "worker_step_retries_total";
 pub const RUNS_IN_FLIGHT: &str = "worker_runs_in_flight";
 pub const RUNS_COMPLETED_TOTAL: &str = "worker_runs_completed_total";
 pub const QUEUE_DEPTH: &str = "worker_queue_depth";
+pub const DEAD_LETTERS_TOTAL: &str = "worker_dead_letters_total";
+pub const APPROVAL_WAIT_SECONDS: &str = "worker_approval_wait_seconds";
+pub const APPROVALS_TOTAL: &str = "worker_approvals_total";
 
 pub fn describe() {
     metrics::describe_counter!(
@@ -107,5 +110,44 @@ impl QueueDepth<'_> {
     pub fn emit(self) {
         metrics::gauge!(QUEUE_DEPTH, "provider" => self.provider.to_owned())
             .set(self.pending as f64);
+    }
+}
+
+/// A work message was dead-lettered.
+pub struct DeadLettered<'a> {
+    pub subject: &'a str,
+    pub reason: &'static str,
+    pub run_id: Option<&'a str>,
+}
+
+impl DeadLettered<'_> {
+    pub fn emit(self) {
+        tracing::error!(
+            messaging.destination.name = self.subject,
+            reason = self.reason,
+            dead_letter.run_id = self.run_id,
+            "work message dead-lettered"
+        );
+        metrics::counter!(DEAD_LETTERS_TOTAL, "reason" => self.reason).increment(1);
+    }
+}
+
+/// An approval step ended.
+pub struct ApprovalDecided {
+    /// `approved`, `rejected` or `timed_out`.
+    pub outcome: &'static str,
+    pub waited_secs: f64,
+}
+
+impl ApprovalDecided {
+    pub fn emit(self) {
+        tracing::info!(
+            approval.outcome = self.outcome,
+            waited_s = self.waited_secs,
+            "approval decided"
+        );
+        metrics::counter!(APPROVALS_TOTAL, "outcome" => self.outcome).increment(1);
+        metrics::histogram!(APPROVAL_WAIT_SECONDS, "outcome" => self.outcome)
+            .record(self.waited_secs);
     }
 }

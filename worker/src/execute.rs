@@ -1,51 +1,24 @@
-//! Executing steps. [`execute_step`] runs one attempt of one step and is what
-//! tests drive directly; [`run_steps`] runs a whole run in order, with
-//! retries, spans and metrics.
+//! Running a run: steps in order, each attempt in its own
+//! `worker.step.execute` span, retries with backoff for retryable failures,
+//! progress checkpointed after every step.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use time::OffsetDateTime;
 use tracing::Instrument;
 use tracing::field::Empty;
+use wire::events::RunEvent;
+use wire::ids::ProviderId;
+use wire::jetstream::{Outgoing, PublishError};
 use wire::run::{RunStatus, StepResult, StepStatus};
-use wire::step::{RetryPolicy, StepKind, StepSpec};
+use wire::step::{ApprovalInput, RetryPolicy, StepKind, StepSpec};
 use wire::submitted::RunSubmitted;
 
+use crate::blocks::{Blocks, StepOutcome};
 use crate::events::{StepExecuted, StepRetried};
-
-/// The outcome of one attempt.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StepOutcome {
-    Succeeded(Value),
-    Failed {
-        message: String,
-        /// Whether another attempt could succeed.
-        retryable: bool,
-    },
-}
-
-/// Runs one attempt of `kind`.
-pub async fn execute_step(kind: &StepKind) -> StepOutcome {
-    match kind {
-        StepKind::Noop => StepOutcome::Succeeded(json!({})),
-        StepKind::Delay(input) => {
-            tokio::time::sleep(Duration::from_millis(input.ms)).await;
-            StepOutcome::Succeeded(json!({"slept_ms": input.ms}))
-        }
-        StepKind::Fail(input) => {
-            if input.probability >= 1.0 || fastrand::f64() < input.probability {
-                StepOutcome::Failed {
-                    message: input.message.clone(),
-                    // A probabilistic failure may pass next time.
-                    retryable: input.probability < 1.0,
-                }
-            } else {
-                StepOutcome::Succeeded(json!({"failed": false}))
-            }
-        }
-    }
-}
+use crate::progress::{Progress, ProgressStore};
 
 /// How a whole run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,27 +28,90 @@ pub struct RunOutcome {
     pub error: Option<String>,
 }
 
-/// Runs every step in order; the first step that fails for good fails the
-/// run and the steps after it are `skipped`.
-pub async fn run_steps(run: &RunSubmitted) -> RunOutcome {
-    let mut steps = Vec::with_capacity(run.steps.len());
+/// Where a run reports (`runs.events`) and checkpoints (progress bucket).
+pub struct Journal {
+    pub jetstream: async_nats::jetstream::Context,
+    pub store: ProgressStore,
+    pub progress: Progress,
+    pub provider: ProviderId,
+}
+
+impl Journal {
+    /// Saves the progress. A failed save only costs re-execution after a
+    /// crash, so it is logged, not fatal.
+    pub async fn checkpoint(&self, run: &RunSubmitted) {
+        if let Err(err) = self.store.save(&run.run_id, &self.progress).await {
+            tracing::warn!(error = format!("{err:#}"), "cannot checkpoint run progress");
+        }
+    }
+
+    /// Publishes the run's status to `runs.events` (deduplicated by
+    /// `RunEvent::message_id`).
+    pub async fn report(
+        &self,
+        run: &RunSubmitted,
+        status: RunStatus,
+        steps: Vec<StepResult>,
+        error: Option<String>,
+    ) -> Result<(), PublishError> {
+        let event = RunEvent {
+            run_id: run.run_id.clone(),
+            tenant_id: run.tenant_id.clone(),
+            status,
+            provider: Some(self.provider.clone()),
+            steps,
+            error,
+            at: OffsetDateTime::now_utc(),
+        };
+        let message_id = event.message_id();
+        wire::jetstream::publish(
+            &self.jetstream,
+            Outgoing {
+                subject: wire::events::SUBJECT,
+                message_id: &message_id,
+                payload: event.encode(),
+                tenant_id: event.tenant_id.as_str(),
+                run_id: event.run_id.as_str(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Runs every step in order. Steps that succeeded in an earlier attempt of
+/// this run are not run again. The first step that fails for good fails the
+/// run (an approval that times out times it out) and the rest are `skipped`.
+pub async fn run_steps(blocks: &Blocks, run: &RunSubmitted, journal: &mut Journal) -> RunOutcome {
+    let mut steps: Vec<StepResult> = Vec::with_capacity(run.steps.len());
+    let mut status = RunStatus::Succeeded;
     let mut error = None;
     for spec in &run.steps {
-        if error.is_some() {
-            steps.push(StepResult {
-                id: spec.id.clone(),
-                step_type: spec.kind.type_name().to_owned(),
-                status: StepStatus::Skipped,
-                attempts: 0,
-                output: Value::Null,
-                error: None,
-                started_at: None,
-                ended_at: None,
-            });
+        if status != RunStatus::Succeeded {
+            steps.push(skipped(spec));
             continue;
         }
-        let result = run_step(run, spec).await;
+        if let Some(done) = journal
+            .progress
+            .steps
+            .iter()
+            .find(|r| r.id == spec.id && r.status == StepStatus::Succeeded)
+        {
+            steps.push(done.clone());
+            continue;
+        }
+        let (result, timed_out) = match &spec.kind {
+            StepKind::Approval(input) => {
+                approval_step(blocks, run, spec, input, &steps, journal).await
+            }
+            _ => (run_step(blocks, run, spec).await, false),
+        };
         if result.status == StepStatus::Failed {
+            status = if timed_out {
+                RunStatus::TimedOut
+            } else {
+                RunStatus::Failed
+            };
             error = Some(format!(
                 "step {} failed: {}",
                 spec.id,
@@ -83,92 +119,205 @@ pub async fn run_steps(run: &RunSubmitted) -> RunOutcome {
             ));
         }
         steps.push(result);
+        journal.progress.steps = steps.clone();
+        journal.checkpoint(run).await;
     }
     RunOutcome {
-        status: if error.is_some() {
-            RunStatus::Failed
-        } else {
-            RunStatus::Succeeded
-        },
+        status,
         steps,
         error,
     }
 }
 
-/// One step with its retries; each attempt is its own `worker.step.execute` span.
-async fn run_step(run: &RunSubmitted, spec: &StepSpec) -> StepResult {
-    let started_at = OffsetDateTime::now_utc();
-    let step_type = spec.kind.type_name();
-    let mut attempt = 0;
+fn skipped(spec: &StepSpec) -> StepResult {
+    StepResult {
+        id: spec.id.clone(),
+        step_type: spec.kind.type_name().to_owned(),
+        status: StepStatus::Skipped,
+        attempts: 0,
+        output: Value::Null,
+        error: None,
+        started_at: None,
+        ended_at: None,
+    }
+}
+
+/// Calls `attempt` until it succeeds, fails for good, or `policy` runs out of
+/// attempts; waits [`backoff`] between attempts. Returns the last outcome and
+/// the number of attempts made.
+pub async fn with_retries<F, Fut>(
+    policy: &RetryPolicy,
+    step_type: &'static str,
+    mut attempt: F,
+) -> (StepOutcome, u32)
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = StepOutcome>,
+{
+    let mut made = 0;
     loop {
-        attempt += 1;
-        let span = tracing::info_span!(
-            "worker.step.execute",
-            step.id = spec.id.as_str(),
-            step.type = step_type,
-            attempt,
-            tenant.id = run.tenant_id.as_str(),
-            run.id = run.run_id.as_str(),
-            flow.id = run.flow_id.as_str(),
-            otel.status_code = Empty,
-            error.type = Empty,
-        );
-        let began = Instant::now();
-        let outcome = execute_step(&spec.kind).instrument(span.clone()).await;
-        let elapsed = began.elapsed();
-        let _entered = span.enter();
-        match outcome {
-            StepOutcome::Succeeded(output) => {
-                StepExecuted {
+        made += 1;
+        let outcome = attempt(made).await;
+        match &outcome {
+            StepOutcome::Failed {
+                retryable: true,
+                code,
+                ..
+            } if made < policy.max_attempts => {
+                StepRetried {
                     step_type,
-                    status: StepStatus::Succeeded,
-                    tenant_id: run.tenant_id.as_str(),
-                    elapsed,
+                    reason: code,
                 }
                 .emit();
-                return StepResult {
-                    id: spec.id.clone(),
-                    step_type: step_type.to_owned(),
-                    status: StepStatus::Succeeded,
-                    attempts: attempt,
-                    output,
-                    error: None,
-                    started_at: Some(started_at),
-                    ended_at: Some(OffsetDateTime::now_utc()),
-                };
+                tokio::time::sleep(backoff(policy, made)).await;
             }
-            StepOutcome::Failed { message, retryable } => {
-                telemetry::spans::record_error(&span, "step_failed", &message);
-                StepExecuted {
-                    step_type,
-                    status: StepStatus::Failed,
-                    tenant_id: run.tenant_id.as_str(),
-                    elapsed,
-                }
-                .emit();
-                if retryable && attempt < spec.retry.max_attempts {
-                    StepRetried {
-                        step_type,
-                        reason: "step_failed",
-                    }
-                    .emit();
-                    drop(_entered);
-                    tokio::time::sleep(backoff(&spec.retry, attempt)).await;
-                    continue;
-                }
-                return StepResult {
-                    id: spec.id.clone(),
-                    step_type: step_type.to_owned(),
-                    status: StepStatus::Failed,
-                    attempts: attempt,
-                    output: Value::Null,
-                    error: Some(message),
-                    started_at: Some(started_at),
-                    ended_at: Some(OffsetDateTime::now_utc()),
-                };
-            }
+            _ => return (outcome, made),
         }
     }
+}
+
+/// One step with its retries; each attempt is its own `worker.step.execute` span.
+async fn run_step(blocks: &Blocks, run: &RunSubmitted, spec: &StepSpec) -> StepResult {
+    let started_at = OffsetDateTime::now_utc();
+    let step_type = spec.kind.type_name();
+    let (outcome, attempts) = with_retries(&spec.retry, step_type, |attempt| {
+        let span = step_span(run, spec, attempt);
+        async move {
+            let began = Instant::now();
+            let outcome = blocks.execute(&spec.kind).instrument(span.clone()).await;
+            finish_attempt(&span, &outcome, step_type, run, began.elapsed());
+            outcome
+        }
+    })
+    .await;
+    result(spec, outcome, attempts, started_at).0
+}
+
+/// An `approval` step: report `awaiting_approval`, wait, report `running` again.
+async fn approval_step(
+    blocks: &Blocks,
+    run: &RunSubmitted,
+    spec: &StepSpec,
+    input: &ApprovalInput,
+    done: &[StepResult],
+    journal: &mut Journal,
+) -> (StepResult, bool) {
+    let step_type = spec.kind.type_name();
+    let requested_at = match journal.progress.requested_at(spec.id.as_str()) {
+        Some(at) => at,
+        None => {
+            let now = OffsetDateTime::now_utc();
+            journal.progress.set_requested_at(spec.id.as_str(), now);
+            journal.checkpoint(run).await;
+            now
+        }
+    };
+    let mut waiting = done.to_vec();
+    waiting.push(StepResult {
+        id: spec.id.clone(),
+        step_type: step_type.to_owned(),
+        status: StepStatus::AwaitingApproval,
+        attempts: 1,
+        output: serde_json::json!({"prompt": input.prompt, "timeout_s": input.timeout_s}),
+        error: None,
+        started_at: Some(requested_at),
+        ended_at: None,
+    });
+    if let Err(err) = journal
+        .report(run, RunStatus::AwaitingApproval, waiting, None)
+        .await
+    {
+        tracing::warn!(error = %err, "cannot report awaiting_approval; waiting anyway");
+    }
+
+    let span = step_span(run, spec, 1);
+    let began = Instant::now();
+    let outcome = blocks
+        .approval
+        .wait(&run.run_id, &run.tenant_id, spec, input, requested_at)
+        .instrument(span.clone())
+        .await;
+    finish_attempt(&span, &outcome, step_type, run, began.elapsed());
+    let (result, timed_out) = result(spec, outcome, 1, requested_at);
+    if result.status == StepStatus::Succeeded {
+        let mut so_far = done.to_vec();
+        so_far.push(result.clone());
+        if let Err(err) = journal.report(run, RunStatus::Running, so_far, None).await {
+            tracing::warn!(error = %err, "cannot report running after the approval");
+        }
+    }
+    (result, timed_out)
+}
+
+fn step_span(run: &RunSubmitted, spec: &StepSpec, attempt: u32) -> tracing::Span {
+    tracing::info_span!(
+        "worker.step.execute",
+        step.id = spec.id.as_str(),
+        step.type = spec.kind.type_name(),
+        attempt,
+        tenant.id = run.tenant_id.as_str(),
+        run.id = run.run_id.as_str(),
+        flow.id = run.flow_id.as_str(),
+        otel.status_code = Empty,
+        error.type = Empty,
+    )
+}
+
+fn finish_attempt(
+    span: &tracing::Span,
+    outcome: &StepOutcome,
+    step_type: &'static str,
+    run: &RunSubmitted,
+    elapsed: Duration,
+) {
+    let _entered = span.enter();
+    let status = match outcome {
+        StepOutcome::Succeeded(_) => StepStatus::Succeeded,
+        StepOutcome::Failed { code, message, .. } => {
+            telemetry::spans::record_error(span, code, message);
+            StepStatus::Failed
+        }
+        StepOutcome::TimedOut { message } => {
+            telemetry::spans::record_error(span, "timed_out", message);
+            StepStatus::Failed
+        }
+    };
+    StepExecuted {
+        step_type,
+        status,
+        tenant_id: run.tenant_id.as_str(),
+        elapsed,
+    }
+    .emit();
+}
+
+/// The step's result from its last outcome; `true` when it timed out.
+fn result(
+    spec: &StepSpec,
+    outcome: StepOutcome,
+    attempts: u32,
+    started_at: OffsetDateTime,
+) -> (StepResult, bool) {
+    let (status, output, error, timed_out) = match outcome {
+        StepOutcome::Succeeded(output) => (StepStatus::Succeeded, output, None, false),
+        StepOutcome::Failed { message, .. } => {
+            (StepStatus::Failed, Value::Null, Some(message), false)
+        }
+        StepOutcome::TimedOut { message } => (StepStatus::Failed, Value::Null, Some(message), true),
+    };
+    (
+        StepResult {
+            id: spec.id.clone(),
+            step_type: spec.kind.type_name().to_owned(),
+            status,
+            attempts,
+            output,
+            error,
+            started_at: Some(started_at),
+            ended_at: Some(OffsetDateTime::now_utc()),
+        },
+        timed_out,
+    )
 }
 
 /// Exponential backoff with full jitter: a random wait in
@@ -184,40 +333,66 @@ pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wire::step::{DelayInput, FailInput};
+
+    fn failing(code: &'static str, retryable: bool) -> StepOutcome {
+        StepOutcome::failed(code, "nope", retryable)
+    }
 
     #[tokio::test(start_paused = true)]
-    async fn delay_sleeps_for_its_input() {
+    async fn retryable_failures_are_retried_with_backoff() {
+        let policy = RetryPolicy {
+            max_attempts: 4,
+            backoff_ms: 100,
+            max_backoff_ms: 250,
+        };
         let began = tokio::time::Instant::now();
-        let outcome = execute_step(&StepKind::Delay(DelayInput { ms: 250 })).await;
-        assert_eq!(outcome, StepOutcome::Succeeded(json!({"slept_ms": 250})));
-        assert_eq!(began.elapsed(), Duration::from_millis(250));
+        let (outcome, attempts) = with_retries(&policy, "http", |attempt| async move {
+            if attempt < 3 {
+                failing("timeout", true)
+            } else {
+                StepOutcome::Succeeded(Value::Null)
+            }
+        })
+        .await;
+        assert_eq!(outcome, StepOutcome::Succeeded(Value::Null));
+        assert_eq!(attempts, 3);
+        // Two waits, each at most min(250, 100 * 2^(n-1)) ms.
+        assert!(began.elapsed() <= Duration::from_millis(100 + 200));
     }
 
-    #[tokio::test]
-    async fn fail_always_fails_for_good() {
-        let outcome = execute_step(&StepKind::Fail(FailInput {
-            message: "boom".into(),
-            probability: 1.0,
-        }))
-        .await;
-        assert_eq!(
+    #[tokio::test(start_paused = true)]
+    async fn attempts_stop_at_max_attempts() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            backoff_ms: 1_000,
+            max_backoff_ms: 1_000,
+        };
+        let began = tokio::time::Instant::now();
+        let (outcome, attempts) =
+            with_retries(&policy, "http", |_| async { failing("http_status", true) }).await;
+        assert_eq!(attempts, 3);
+        assert!(matches!(
             outcome,
             StepOutcome::Failed {
-                message: "boom".into(),
-                retryable: false
+                code: "http_status",
+                ..
             }
-        );
+        ));
+        assert!(began.elapsed() <= Duration::from_millis(2_000));
     }
 
-    #[tokio::test]
-    async fn fail_never_with_zero_probability() {
-        let outcome = execute_step(&StepKind::Fail(FailInput {
-            message: "boom".into(),
-            probability: 0.0,
-        }))
+    #[tokio::test(start_paused = true)]
+    async fn permanent_failures_are_not_retried() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            backoff_ms: 10,
+            max_backoff_ms: 10,
+        };
+        let (_, attempts) = with_retries(&policy, "fs", |_| async {
+            failing("sandbox_violation", false)
+        })
         .await;
-        assert!(matches!(outcome, StepOutcome::Succeeded(_)));
+        assert_eq!(attempts, 1);
     }
 
     #[test]

@@ -4,15 +4,21 @@
 //! Layout:
 //! - [`config`]: settings from the environment.
 //! - [`app`]: `App::build` and `App::run` (consumers, queue depth, admin).
-//! - [`execute`]: `execute_step` (one attempt) and `run_steps` (a whole run).
-//! - [`consume`]: the `work.<provider>` consumer (report → execute → report → ack).
+//! - [`blocks`]: one module per step type (`http`, `sql`, `fs`, `approval`,
+//!   and `noop`/`delay`/`fail`); `Blocks::execute` runs one attempt.
+//! - [`execute`]: `run_steps` (a whole run: retries, spans, checkpoints).
+//! - [`progress`]: the run checkpoint that makes redelivery resume, not restart.
+//! - [`consume`]: the `work.<provider>` consumer (report → execute → report →
+//!   ack; dead letters after `WORKER_MAX_DELIVER`).
 //! - [`events`]: the worker's telemetry events and metric names.
 
 pub mod app;
+pub mod blocks;
 pub mod config;
 pub mod consume;
 pub mod events;
 pub mod execute;
+pub mod progress;
 
 pub use app::App;
 pub use config::Config;

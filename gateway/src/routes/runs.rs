@@ -102,14 +102,8 @@ async fn create_inner(
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(state, headers)?;
     require_json(headers)?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(state.config.body_limit)
-        } else {
-            ApiError::MalformedJson(rejection.body_text())
-        }
-    })?;
-    let request = parse_body(&body)?;
+    let body = body_bytes(state, body)?;
+    let request: CreateRunBody = parse_json_object(&body)?;
     let flow_id = FlowId::parse(request.flow_id).map_err(|m| FieldError::new("flow_id", m))?;
     let provider = request
         .provider
@@ -243,7 +237,22 @@ fn view(state: &AppState, run: RunRecord) -> RunView {
     }
 }
 
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+/// The body, or 413 when over the limit.
+pub fn body_bytes(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(state.config.body_limit)
+        } else {
+            ApiError::MalformedJson(rejection.body_text())
+        }
+    })
+}
+
+/// The tenant of the request's API key (recorded on the span), or 401.
+pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
     let tenant = state
         .config
         .api_keys
@@ -254,7 +263,8 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, ApiEr
     Ok(tenant)
 }
 
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+/// 415 unless the body is declared JSON.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -274,8 +284,8 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Parses the body, naming the field at fault (`steps[0].id: …`).
-fn parse_body(body: &[u8]) -> Result<CreateRunBody, ApiError> {
+/// Parses a JSON object body, naming the field at fault (`steps[0].id: …`).
+pub fn parse_json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     if !value.is_object() {

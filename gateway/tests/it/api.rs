@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::stack::{ACME_KEY, Component, DEMO_KEY, Stack, sample_run};
+use testkit::stack::{ACME_KEY, Component, DEMO_KEY, Stack, sample_run};
 
 /// Asserts `{"error":{"code","message"}}` with `status` and `code`; returns the message.
 async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) -> String {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::stack::{Component, Stack};
+use testkit::stack::{Component, Stack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_survives_the_worker_being_killed_mid_run() {
@@ -29,7 +29,7 @@ async fn a_run_survives_the_worker_being_killed_mid_run() {
     // Nothing finishes while no worker runs.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let run: serde_json::Value = stack
-        .get_run_as(crate::stack::DEMO_KEY, &run_id)
+        .get_run_as(testkit::stack::DEMO_KEY, &run_id)
         .await
         .json()
         .await
@@ -49,11 +49,11 @@ async fn a_run_waits_in_jetstream_while_the_router_is_down() {
     stack.start(Component::Gateway).await;
     stack.start(Component::Worker).await;
 
-    let accepted = stack.submit_ok(&crate::stack::sample_run()).await;
+    let accepted = stack.submit_ok(&testkit::stack::sample_run()).await;
     let run_id = accepted["run_id"].as_str().expect("run_id").to_owned();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let run: serde_json::Value = stack
-        .get_run_as(crate::stack::DEMO_KEY, &run_id)
+        .get_run_as(testkit::stack::DEMO_KEY, &run_id)
         .await
         .json()
         .await
@@ -71,7 +71,7 @@ async fn a_run_survives_a_gateway_restart_before_its_events_arrive() {
     stack.start(Component::Gateway).await;
     stack.start(Component::Router).await;
 
-    let accepted = stack.submit_ok(&crate::stack::sample_run()).await;
+    let accepted = stack.submit_ok(&testkit::stack::sample_run()).await;
     let run_id = accepted["run_id"].as_str().expect("run_id").to_owned();
     stack.kill(Component::Gateway).await;
 

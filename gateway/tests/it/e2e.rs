@@ -8,7 +8,7 @@ use prometheus_parse::{Scrape, Value as Metric};
 use serde_json::Value;
 use testkit::otlp::CollectedSpan;
 
-use crate::stack::{Component, Stack, sample_run};
+use testkit::stack::{Component, Stack, sample_run};
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";

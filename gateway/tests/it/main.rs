@@ -5,4 +5,3 @@ mod api;
 mod durability;
 mod e2e;
 mod process;
-mod stack;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use testkit::service::ServiceProcess;
 
-use crate::stack::{Component, Stack};
+use testkit::stack::{Component, Stack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_setting_stops_the_process_naming_the_variable() {

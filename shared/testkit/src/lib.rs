@@ -6,10 +6,13 @@
 //!   be stopped and restarted on the same port and store.
 //! - [`otlp`]: an OTLP/gRPC trace receiver collecting the spans it is sent.
 //! - [`service`]: a service binary as a child process, stdout captured.
+//! - [`stack`]: NATS + OTLP receiver + any of gateway/router/worker, with
+//!   typed helpers for the API calls tests make.
 
 pub mod nats;
 pub mod otlp;
 pub mod service;
+pub mod stack;
 
 use std::time::Duration;
 

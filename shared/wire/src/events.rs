@@ -23,10 +23,17 @@ pub struct RunEvent {
 }
 
 impl RunEvent {
-    /// The JetStream `Nats-Msg-Id`: one event per run and status, so a
-    /// redelivered run reporting the same status again is deduplicated.
+    /// The JetStream `Nats-Msg-Id`: one per run, status and number of step
+    /// results, so a redelivered run reporting the same progress again is
+    /// deduplicated while a run that goes `running → awaiting_approval →
+    /// running` reports each change.
     pub fn message_id(&self) -> String {
-        format!("{}.{}", self.run_id, self.status.as_str())
+        format!(
+            "{}.{}.{}",
+            self.run_id,
+            self.status.as_str(),
+            self.steps.len()
+        )
     }
 
     pub fn encode(&self) -> bytes::Bytes {

@@ -77,8 +77,9 @@ ident!(
     FlowId, 128, "_-.:"
 );
 ident!(
-    /// A step's id, unique within its run.
-    StepId, 64, "_-.:"
+    /// A step's id, unique within its run (also part of JetStream KV keys,
+    /// hence no `:`).
+    StepId, 64, "_-."
 );
 ident!(
     /// A provider: a worker pool, subject `work.<provider>` (so no `.` in it).
@@ -109,7 +110,11 @@ mod tests {
         assert!(StepId::parse("").expect_err("invalid").contains("empty"));
         assert!(StepId::parse("a b").expect_err("invalid").contains("' '"));
         assert!(ProviderId::parse("a.b").is_err());
-        assert!(StepId::parse("x".repeat(65)).expect_err("invalid").contains("64"));
+        assert!(
+            StepId::parse("x".repeat(65))
+                .expect_err("invalid")
+                .contains("64")
+        );
         assert!(serde_json::from_str::<StepId>("\"a/b\"").is_err());
     }
 }

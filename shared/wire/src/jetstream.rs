@@ -51,6 +51,12 @@ pub const EVENTS: StreamDef = StreamDef {
     name: "BEAMLINE_EVENTS",
     subjects: &[crate::events::SUBJECT],
 };
+/// Messages no consumer could process, kept for inspection
+/// (`deadletter.<original subject>`).
+pub const DEAD_LETTERS: StreamDef = StreamDef {
+    name: "BEAMLINE_DEADLETTER",
+    subjects: &["deadletter.>"],
+};
 
 /// How long a stream keeps messages, acked or not.
 const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -59,7 +65,7 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Creates the three streams when missing; leaves existing ones as they are.
 pub async fn ensure_streams(js: &Context) -> anyhow::Result<()> {
-    for def in [RUNS, WORK, EVENTS] {
+    for def in [RUNS, WORK, EVENTS, DEAD_LETTERS] {
         js.get_or_create_stream(stream::Config {
             name: def.name.to_owned(),
             subjects: def.subjects.iter().map(|s| (*s).to_owned()).collect(),
@@ -72,6 +78,41 @@ pub async fn ensure_streams(js: &Context) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating stream {}: {e}", def.name))?;
     }
     Ok(())
+}
+
+/// Opens key-value bucket `name`, creating it when missing (file storage,
+/// one value per key, entries kept for the stream retention period).
+///
+/// The bucket's stream is created here with the same settings
+/// `create_key_value` would use: that call first queries the account, whose
+/// answer async-nats 0.51 cannot parse from nats-server 2.9 (Debian's).
+pub async fn key_value(
+    js: &Context,
+    name: &str,
+    description: &str,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age: MAX_AGE,
+        storage: StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating key-value bucket {name}: {e}"))?;
+    js.get_key_value(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening key-value bucket {name}: {e}"))
 }
 
 /// A durable pull consumer's settings.
@@ -176,6 +217,10 @@ pub struct ConsumeOptions {
     /// Send an in-progress ack this often while a handler runs, so long work
     /// is not redelivered to another replica. `None` for short handlers.
     pub progress_every: Option<Duration>,
+    /// After shutdown, how long running handlers may finish before they are
+    /// interrupted and their messages naked for another replica. `None`:
+    /// wait for them however long they take.
+    pub drain: Option<Duration>,
 }
 
 /// Pulls messages from `consumer` and runs `handler` on each inside a
@@ -202,6 +247,8 @@ where
         .await
         .map_err(|e| anyhow::anyhow!("pulling from {}: {e}", options.group))?;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    // Cancelled when the drain period after shutdown is over.
+    let interrupt = tokio_util::sync::CancellationToken::new();
     let options = std::sync::Arc::new(options);
     let mut running = tokio::task::JoinSet::new();
 
@@ -228,17 +275,30 @@ where
         };
         let handler = handler.clone();
         let options = options.clone();
+        let interrupt = interrupt.clone();
         running.spawn(async move {
-            handle_one(message, &options, handler).await;
+            handle_one(message, &options, handler, interrupt).await;
             drop(permit);
         });
     }
+    if let Some(drain) = options.drain {
+        let timer = interrupt.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(drain).await;
+            timer.cancel();
+        });
+    }
     while running.join_next().await.is_some() {}
+    interrupt.cancel();
     Ok(())
 }
 
-async fn handle_one<H, Fut>(message: js::Message, options: &ConsumeOptions, handler: H)
-where
+async fn handle_one<H, Fut>(
+    message: js::Message,
+    options: &ConsumeOptions,
+    handler: H,
+    interrupt: tokio_util::sync::CancellationToken,
+) where
     H: Fn(js::Message) -> Fut,
     Fut: std::future::Future<Output = Disposition>,
 {
@@ -256,7 +316,17 @@ where
         options.context_mode,
     );
     let acker = message.clone();
-    let work = handler(message).instrument(span.clone());
+    let handled = handler(message).instrument(span.clone());
+    let work = async {
+        tokio::select! {
+            disposition = handled => disposition,
+            _ = interrupt.cancelled() => {
+                tracing::warn!(parent: &span, "shutdown grace period over; handing the message back");
+                telemetry::spans::record_error(&span, "interrupted", "interrupted by shutdown");
+                Disposition::Retry(Duration::ZERO)
+            }
+        }
+    };
     let disposition = match options.progress_every {
         None => work.await,
         Some(every) => {

@@ -8,9 +8,14 @@
 //! - [`run`]: run status and step results.
 //! - [`submitted`], [`work`], [`events`]: one module per message type
 //!   (`runs.submitted`, `work.<provider>`, `runs.events`).
-//! - [`jetstream`]: the streams, durable consumers and the deduplicated publish.
+//! - [`extensions`]: `ext.<id>` request/reply payloads (router ↔ extension services).
+//! - [`approvals`]: approval decisions (a JetStream key-value bucket).
+//! - [`jetstream`]: the streams, durable consumers, the deduplicated publish
+//!   and the consume loop.
 
+pub mod approvals;
 pub mod events;
+pub mod extensions;
 pub mod ids;
 pub mod jetstream;
 pub mod run;

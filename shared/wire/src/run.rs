@@ -58,8 +58,9 @@ impl RunStatus {
     }
 
     /// Progress order. Events arrive at least once and possibly out of order;
-    /// the store only moves a run forward in rank, so a late or repeated event
-    /// never undoes a later one.
+    /// the store only moves a run forward in rank (and, within the
+    /// non-terminal rank 2, forward in event time), so a late or repeated
+    /// event never undoes a later one.
     pub fn rank(self) -> i64 {
         match self {
             Self::Accepted => 0,
@@ -75,6 +76,8 @@ impl RunStatus {
 pub enum StepStatus {
     Succeeded,
     Failed,
+    /// An `approval` step waiting for a decision through the gateway.
+    AwaitingApproval,
     /// Not run because an earlier step failed.
     Skipped,
 }
@@ -84,6 +87,7 @@ impl StepStatus {
         match self {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::AwaitingApproval => "awaiting_approval",
             Self::Skipped => "skipped",
         }
     }

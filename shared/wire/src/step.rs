@@ -18,6 +18,14 @@ pub enum StepKind {
     Delay(DelayInput),
     /// Fails with `message`, always or with `probability`.
     Fail(FailInput),
+    /// An outbound HTTP call, `traceparent` injected.
+    Http(HttpInput),
+    /// A parameterised query through sqlx.
+    Sql(SqlInput),
+    /// Read, write or list inside the worker's sandbox directory.
+    Fs(FsInput),
+    /// Waits for a human decision made through the gateway API.
+    Approval(ApprovalInput),
 }
 
 impl StepKind {
@@ -27,12 +35,91 @@ impl StepKind {
             Self::Noop => "noop",
             Self::Delay(_) => "delay",
             Self::Fail(_) => "fail",
+            Self::Http(_) => "http",
+            Self::Sql(_) => "sql",
+            Self::Fs(_) => "fs",
+            Self::Approval(_) => "approval",
         }
     }
 }
 
 /// The step types this version executes.
-pub const STEP_TYPES: [&str; 3] = ["noop", "delay", "fail"];
+pub const STEP_TYPES: [&str; 7] = ["noop", "delay", "fail", "http", "sql", "fs", "approval"];
+
+/// HTTP methods an `http` step may use.
+pub const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+
+/// The longest `timeout_ms` of an `http` step.
+pub const MAX_HTTP_TIMEOUT_MS: u64 = 60_000;
+
+/// The longest `timeout_s` of an `approval` step (7 days).
+pub const MAX_APPROVAL_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpInput {
+    #[serde(default = "default_method")]
+    pub method: String,
+    pub url: String,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// JSON is sent as `application/json`, a string as-is.
+    #[serde(default)]
+    pub body: Option<Value>,
+    #[serde(default = "default_http_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_method() -> String {
+    "GET".to_owned()
+}
+
+fn default_http_timeout_ms() -> u64 {
+    5_000
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlInput {
+    pub query: String,
+    #[serde(default)]
+    pub params: Vec<Value>,
+    /// Must be true for anything but a read; the worker must also allow writes.
+    #[serde(default)]
+    pub write: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsOp {
+    Read,
+    Write,
+    List,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsInput {
+    pub op: FsOp,
+    /// Relative to the sandbox root.
+    pub path: String,
+    /// What `write` writes.
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalInput {
+    #[serde(default)]
+    pub prompt: String,
+    #[serde(default = "default_approval_timeout_s")]
+    pub timeout_s: u64,
+}
+
+fn default_approval_timeout_s() -> u64 {
+    3_600
+}
 
 /// The longest `delay` a step may ask for.
 pub const MAX_DELAY_MS: u64 = 300_000;
@@ -167,6 +254,74 @@ impl StepSpec {
                     ));
                 }
                 StepKind::Fail(fail)
+            }
+            "http" => {
+                let http: HttpInput = serde_json::from_value(input).map_err(input_error)?;
+                let method = http.method.to_ascii_uppercase();
+                if !HTTP_METHODS.contains(&method.as_str()) {
+                    return Err(FieldError::new(
+                        at("input.method"),
+                        format!("expected one of {}", HTTP_METHODS.join(", ")),
+                    ));
+                }
+                let scheme_ok = http.url.starts_with("http://") || http.url.starts_with("https://");
+                if !scheme_ok
+                    || http
+                        .url
+                        .parse::<http::Uri>()
+                        .map(|u| u.host().is_none())
+                        .unwrap_or(true)
+                {
+                    return Err(FieldError::new(
+                        at("input.url"),
+                        "must be an absolute http:// or https:// URL",
+                    ));
+                }
+                if http.timeout_ms == 0 || http.timeout_ms > MAX_HTTP_TIMEOUT_MS {
+                    return Err(FieldError::new(
+                        at("input.timeout_ms"),
+                        format!("must be between 1 and {MAX_HTTP_TIMEOUT_MS}"),
+                    ));
+                }
+                for name in http.headers.keys() {
+                    if name.parse::<http::HeaderName>().is_err() {
+                        return Err(FieldError::new(
+                            at("input.headers"),
+                            format!("invalid header name {name:?}"),
+                        ));
+                    }
+                }
+                StepKind::Http(HttpInput { method, ..http })
+            }
+            "sql" => {
+                let sql: SqlInput = serde_json::from_value(input).map_err(input_error)?;
+                if sql.query.trim().is_empty() {
+                    return Err(FieldError::new(at("input.query"), "must not be empty"));
+                }
+                StepKind::Sql(sql)
+            }
+            "fs" => {
+                let fs: FsInput = serde_json::from_value(input).map_err(input_error)?;
+                if fs.path.is_empty() && fs.op != FsOp::List {
+                    return Err(FieldError::new(at("input.path"), "must not be empty"));
+                }
+                if fs.op == FsOp::Write && fs.content.is_none() {
+                    return Err(FieldError::new(
+                        at("input.content"),
+                        "is required for op write",
+                    ));
+                }
+                StepKind::Fs(fs)
+            }
+            "approval" => {
+                let approval: ApprovalInput = serde_json::from_value(input).map_err(input_error)?;
+                if approval.timeout_s == 0 || approval.timeout_s > MAX_APPROVAL_TIMEOUT_S {
+                    return Err(FieldError::new(
+                        at("input.timeout_s"),
+                        format!("must be between 1 and {MAX_APPROVAL_TIMEOUT_S}"),
+                    ));
+                }
+                StepKind::Approval(approval)
             }
             other => {
                 return Err(FieldError::new(

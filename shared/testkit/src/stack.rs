@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::nats::NatsServer;
+use crate::otlp::OtlpReceiver;
+use crate::service::ServiceProcess;
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::Value;
-use testkit::nats::NatsServer;
-use testkit::otlp::OtlpReceiver;
-use testkit::service::ServiceProcess;
 
 pub const DEMO_KEY: &str = "demo-key";
 pub const ACME_KEY: &str = "acme-key-1";
@@ -57,10 +57,10 @@ impl Stack {
             nats: NatsServer::start().await,
             otlp: OtlpReceiver::start().await,
             ports: Ports {
-                api: testkit::free_port(),
-                gateway_admin: testkit::free_port(),
-                router_admin: testkit::free_port(),
-                worker_admin: testkit::free_port(),
+                api: crate::free_port(),
+                gateway_admin: crate::free_port(),
+                router_admin: crate::free_port(),
+                worker_admin: crate::free_port(),
             },
             gateway: None,
             router: None,
@@ -82,6 +82,16 @@ impl Stack {
 
     pub fn database_path(&self) -> std::path::PathBuf {
         self.dir.path().join("gateway.db")
+    }
+
+    /// The worker's `sql` step database (SQLite).
+    pub fn worker_database_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("worker.db")
+    }
+
+    /// The worker's `fs` sandbox.
+    pub fn sandbox_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("sandbox")
     }
 
     pub fn env(&self, component: Component) -> HashMap<String, String> {
@@ -125,6 +135,14 @@ impl Stack {
                     format!("127.0.0.1:{}", self.ports.worker_admin),
                 ),
                 ("WORKER_ACK_WAIT_SECS", "2".to_owned()),
+                ("WORKER_FS_ROOT", self.sandbox_path().display().to_string()),
+                (
+                    "WORKER_DATABASE_URL",
+                    format!(
+                        "sqlite://{}?mode=rwc",
+                        self.worker_database_path().display()
+                    ),
+                ),
             ],
         };
         env.extend(specific.into_iter().map(|(k, v)| (k.to_owned(), v)));
@@ -193,6 +211,26 @@ impl Stack {
             .send()
             .await
             .expect("GET run")
+    }
+
+    /// `POST /v1/runs/{id}/steps/{step}/{approve|reject}` with `key`.
+    pub async fn decide(
+        &self,
+        key: &str,
+        run_id: &str,
+        step_id: &str,
+        verdict: &str,
+        comment: Option<&str>,
+    ) -> Response {
+        let request = self
+            .http
+            .post(self.url(&format!("/v1/runs/{run_id}/steps/{step_id}/{verdict}")))
+            .bearer_auth(key);
+        let request = match comment {
+            Some(comment) => request.json(&serde_json::json!({"comment": comment})),
+            None => request,
+        };
+        request.send().await.expect("POST decision")
     }
 
     /// Submits `body` and returns the 202 answer's JSON.
