@@ -1,39 +1,121 @@
-//! The router's telemetry events and metric names.
+//! The router's telemetry events and metric names. Each `emit` writes the log
+//! line and the metrics together, with the same bounded labels.
 
 use std::time::Duration;
 
-use crate::policy::Decision;
+use crate::breaker::{State, Transition};
+use crate::extensions::invoker::ExtensionOutcome;
+use crate::extensions::registry::ExtensionSpec;
+use crate::policy::{Decision, PolicyError};
 
 pub const DECISIONS_TOTAL: &str = "router_decisions_total";
 pub const DECISION_DURATION_SECONDS: &str = "router_decision_duration_seconds";
 pub const POLICY_EVALUATION_DURATION_SECONDS: &str = "router_policy_evaluation_duration_seconds";
 pub const DISPATCHES_TOTAL: &str = "router_dispatches_total";
+pub const POLICY_RELOADS_TOTAL: &str = "router_policy_reloads_total";
+pub const PROVIDER_HEALTHY: &str = "router_provider_healthy";
+pub const EXTENSION_INVOCATIONS_TOTAL: &str = "router_extension_invocations_total";
+pub const EXTENSION_INVOCATION_DURATION_SECONDS: &str =
+    "router_extension_invocation_duration_seconds";
+pub const EXTENSION_RETRIES_TOTAL: &str = "router_extension_retries_total";
+pub const REGISTRY_LOOKUPS_TOTAL: &str = "router_extension_registry_lookups_total";
+pub const REGISTRY_CACHE_HITS_TOTAL: &str = "router_extension_registry_cache_hits_total";
+pub const REGISTRY_CACHE_MISSES_TOTAL: &str = "router_extension_registry_cache_misses_total";
+pub const REGISTRY_LOAD_DURATION_SECONDS: &str = "router_extension_registry_load_duration_seconds";
+pub const BREAKER_STATE: &str = "router_extension_circuit_breaker_state";
+pub const BREAKER_TRANSITIONS_TOTAL: &str = "router_extension_circuit_breaker_transitions_total";
+pub const BREAKER_SUCCESS_TOTAL: &str = "router_extension_circuit_breaker_success_total";
+pub const BREAKER_FAILURE_TOTAL: &str = "router_extension_circuit_breaker_failure_total";
+
+/// Buckets of the extension invocation histogram (seed O1-5.1).
+pub const INVOCATION_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+/// Buckets of the registry load histogram (seed O1-5.2).
+pub const REGISTRY_LOAD_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5];
+
+/// The `provider` label of a rejected run.
+pub const NO_PROVIDER: &str = "none";
 
 pub fn describe() {
-    metrics::describe_counter!(
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
         DECISIONS_TOTAL,
-        "Routing decisions, by policy, provider, reason and tenant."
+        "Routing decisions, by policy, provider, reason and tenant (unknown tenants as `other`)."
     );
-    metrics::describe_histogram!(
+    describe_histogram!(
         DECISION_DURATION_SECONDS,
-        metrics::Unit::Seconds,
-        "Time to decide one run, policy and provider selection included."
+        Unit::Seconds,
+        "Time to decide one run, extensions and provider selection included."
     );
-    metrics::describe_histogram!(
+    describe_histogram!(
         POLICY_EVALUATION_DURATION_SECONDS,
-        metrics::Unit::Seconds,
-        "Time to evaluate a tenant's policy."
+        Unit::Seconds,
+        "Time to evaluate a tenant's policy (reject rules)."
     );
-    metrics::describe_counter!(
+    describe_counter!(
         DISPATCHES_TOTAL,
         "Routed runs handed to a provider's work queue, by provider and result."
     );
+    describe_counter!(
+        POLICY_RELOADS_TOTAL,
+        "Policy file reloads on SIGHUP, by result (`ok`, `error`)."
+    );
+    describe_gauge!(
+        PROVIDER_HEALTHY,
+        "1 when the provider has a live consumer and its circuit is not open, else 0."
+    );
+    describe_counter!(
+        EXTENSION_INVOCATIONS_TOTAL,
+        "Extension invocations, by extension, type and final status."
+    );
+    describe_histogram!(
+        EXTENSION_INVOCATION_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time of one extension invocation, retries included."
+    );
+    describe_counter!(
+        EXTENSION_RETRIES_TOTAL,
+        "Extension attempts retried, by extension, type and reason (`timeout`, `error`)."
+    );
+    describe_counter!(
+        REGISTRY_LOOKUPS_TOTAL,
+        "Extension registry lookups, by status (`success`, `not_found`, `error`)."
+    );
+    describe_counter!(
+        REGISTRY_CACHE_HITS_TOTAL,
+        "Registry lookups answered from the cache."
+    );
+    describe_counter!(
+        REGISTRY_CACHE_MISSES_TOTAL,
+        "Registry lookups that re-read the registry (cache older than its TTL)."
+    );
+    describe_histogram!(
+        REGISTRY_LOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to load the extension registry, by source."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "1 for the current circuit breaker state of an extension, 0 for the others."
+    );
+    describe_counter!(
+        BREAKER_TRANSITIONS_TOTAL,
+        "Circuit breaker transitions, by extension and transition (`open`, `half_open`, `close`)."
+    );
+    describe_counter!(
+        BREAKER_SUCCESS_TOTAL,
+        "Calls the circuit breaker counted as successes."
+    );
+    describe_counter!(
+        BREAKER_FAILURE_TOTAL,
+        "Calls the circuit breaker counted as failures."
+    );
 }
 
-/// A run was decided.
+/// A run was decided and will be dispatched.
 pub struct RunRouted<'a> {
     pub decision: &'a Decision,
-    pub tenant_id: &'a str,
+    /// Through the cardinality guard: a tenant with its own policy, else `other`.
+    pub tenant_label: &'a str,
     pub decision_time: Duration,
     pub policy_time: Duration,
 }
@@ -41,25 +123,80 @@ pub struct RunRouted<'a> {
 impl RunRouted<'_> {
     pub fn emit(self) {
         let d = self.decision;
-        tracing::info!(
-            policy.id = %d.policy_id,
-            provider = %d.provider,
-            decision.reason = d.reason.as_str(),
-            "run routed"
+        if d.degraded {
+            tracing::warn!(
+                policy.id = %d.policy_id,
+                provider = %d.provider,
+                decision.reason = d.reason.as_str(),
+                "no healthy provider; the run is queued for the first choice"
+            );
+        } else {
+            tracing::info!(
+                policy.id = %d.policy_id,
+                provider = %d.provider,
+                decision.reason = d.reason.as_str(),
+                "run routed"
+            );
+        }
+        decided(
+            &d.policy_id,
+            d.provider.as_str(),
+            d.reason.as_str(),
+            self.tenant_label,
+            self.decision_time,
+            self.policy_time,
         );
-        metrics::counter!(
-            DECISIONS_TOTAL,
-            "policy_id" => d.policy_id.clone(),
-            "provider" => d.provider.to_string(),
-            "reason" => d.reason.as_str(),
-            "tenant_id" => self.tenant_id.to_owned()
-        )
-        .increment(1);
-        metrics::histogram!(DECISION_DURATION_SECONDS, "policy_id" => d.policy_id.clone())
-            .record(self.decision_time.as_secs_f64());
-        metrics::histogram!(POLICY_EVALUATION_DURATION_SECONDS, "policy_id" => d.policy_id.clone())
-            .record(self.policy_time.as_secs_f64());
     }
+}
+
+/// A run was rejected (a reject rule, a validator, or a failing extension).
+pub struct RunRejected<'a> {
+    pub policy_id: &'a str,
+    pub reason: &'a str,
+    pub tenant_label: &'a str,
+    pub decision_time: Duration,
+    pub policy_time: Duration,
+}
+
+impl RunRejected<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            policy.id = self.policy_id,
+            decision.reason = "rejected",
+            rejection = self.reason,
+            "run rejected"
+        );
+        decided(
+            self.policy_id,
+            NO_PROVIDER,
+            "rejected",
+            self.tenant_label,
+            self.decision_time,
+            self.policy_time,
+        );
+    }
+}
+
+fn decided(
+    policy_id: &str,
+    provider: &str,
+    reason: &'static str,
+    tenant: &str,
+    decision_time: Duration,
+    policy_time: Duration,
+) {
+    metrics::counter!(
+        DECISIONS_TOTAL,
+        "policy_id" => policy_id.to_owned(),
+        "provider" => provider.to_owned(),
+        "reason" => reason,
+        "tenant_id" => tenant.to_owned()
+    )
+    .increment(1);
+    metrics::histogram!(DECISION_DURATION_SECONDS, "policy_id" => policy_id.to_owned())
+        .record(decision_time.as_secs_f64());
+    metrics::histogram!(POLICY_EVALUATION_DURATION_SECONDS, "policy_id" => policy_id.to_owned())
+        .record(policy_time.as_secs_f64());
 }
 
 /// A routed run was (or was not) stored in the provider's work queue.
@@ -79,5 +216,236 @@ impl RunDispatched<'_> {
         }
         metrics::counter!(DISPATCHES_TOTAL, "provider" => self.provider.to_owned(), "result" => result)
             .increment(1);
+    }
+}
+
+/// The policy file was read again (SIGHUP).
+pub struct PolicyReloaded<'a> {
+    pub error: Option<&'a PolicyError>,
+    pub tenants: usize,
+}
+
+impl PolicyReloaded<'_> {
+    pub fn emit(self) {
+        let result = match self.error {
+            None => {
+                tracing::info!(tenants = self.tenants, "policy reloaded");
+                "ok"
+            }
+            Some(err) => {
+                tracing::error!(
+                    error = %err,
+                    "policy reload refused; the previous policy stays in force"
+                );
+                "error"
+            }
+        };
+        metrics::counter!(POLICY_RELOADS_TOTAL, "result" => result).increment(1);
+    }
+}
+
+/// A provider's health as the decision sees it.
+pub struct ProviderHealthChanged<'a> {
+    pub provider: &'a str,
+    pub healthy: bool,
+    /// Whether the value changed since the last check (only changes are logged).
+    pub changed: bool,
+}
+
+impl ProviderHealthChanged<'_> {
+    pub fn emit(self) {
+        if self.changed {
+            if self.healthy {
+                tracing::info!(provider = self.provider, "provider healthy");
+            } else {
+                tracing::warn!(
+                    provider = self.provider,
+                    "provider unhealthy (no live consumer or circuit open); fallbacks will be used"
+                );
+            }
+        }
+        metrics::gauge!(PROVIDER_HEALTHY, "provider" => self.provider.to_owned())
+            .set(if self.healthy { 1.0 } else { 0.0 });
+    }
+}
+
+/// One extension invocation ended.
+pub struct ExtensionInvoked<'a> {
+    pub outcome: &'a ExtensionOutcome,
+}
+
+impl ExtensionInvoked<'_> {
+    pub fn emit(self) {
+        let o = self.outcome;
+        let kind = o.kind.map_or("unknown", |k| k.as_str());
+        let status = o.status.as_str();
+        if o.succeeded() {
+            tracing::info!(
+                extension.id = %o.id,
+                extension.type = kind,
+                extension.status = status,
+                extension.retries_used = o.retries_used,
+                duration_ms = o.elapsed.as_secs_f64() * 1000.0,
+                "extension invoked"
+            );
+        } else {
+            tracing::warn!(
+                extension.id = %o.id,
+                extension.type = kind,
+                extension.status = status,
+                extension.retries_used = o.retries_used,
+                extension.failure_policy = o.failure_policy.as_str(),
+                duration_ms = o.elapsed.as_secs_f64() * 1000.0,
+                "extension invocation failed"
+            );
+        }
+        metrics::counter!(
+            EXTENSION_INVOCATIONS_TOTAL,
+            "extension_id" => o.id.clone(),
+            "extension_type" => kind,
+            "status" => status
+        )
+        .increment(1);
+        metrics::histogram!(
+            EXTENSION_INVOCATION_DURATION_SECONDS,
+            "extension_id" => o.id.clone(),
+            "extension_type" => kind,
+            "status" => status
+        )
+        .record(o.elapsed.as_secs_f64());
+    }
+}
+
+/// An extension attempt failed and will be retried.
+pub struct ExtensionRetried<'a> {
+    pub spec: &'a ExtensionSpec,
+    /// `timeout` or `error`.
+    pub reason: &'static str,
+}
+
+impl ExtensionRetried<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            extension.id = %self.spec.id,
+            retry_reason = self.reason,
+            "retrying extension"
+        );
+        metrics::counter!(
+            EXTENSION_RETRIES_TOTAL,
+            "extension_id" => self.spec.id.clone(),
+            "extension_type" => self.spec.kind.as_str(),
+            "retry_reason" => self.reason
+        )
+        .increment(1);
+    }
+}
+
+/// A registry lookup.
+pub struct RegistryLookup {
+    pub status: &'static str,
+    pub cache_hit: bool,
+}
+
+impl RegistryLookup {
+    pub fn emit(self) {
+        metrics::counter!(REGISTRY_LOOKUPS_TOTAL, "lookup_status" => self.status).increment(1);
+        if self.cache_hit {
+            metrics::counter!(REGISTRY_CACHE_HITS_TOTAL).increment(1);
+        } else {
+            metrics::counter!(REGISTRY_CACHE_MISSES_TOTAL).increment(1);
+        }
+    }
+}
+
+/// The registry was (re)loaded from its source.
+pub struct RegistryLoaded<'a> {
+    pub source: &'static str,
+    pub elapsed: Duration,
+    pub error: Option<&'a PolicyError>,
+}
+
+impl RegistryLoaded<'_> {
+    pub fn emit(self) {
+        match self.error {
+            None => tracing::debug!(source = self.source, "extension registry loaded"),
+            Some(err) => telemetry::events::ComponentError {
+                code: "registry_load_failed",
+                message: &format_args!(
+                    "extension registry not reloaded, keeping the cached entries: {err}"
+                ),
+            }
+            .emit(),
+        }
+        metrics::histogram!(REGISTRY_LOAD_DURATION_SECONDS, "load_source" => self.source)
+            .record(self.elapsed.as_secs_f64());
+    }
+}
+
+/// A call counted by an extension's circuit breaker.
+pub struct BreakerCall<'a> {
+    pub extension_id: &'a str,
+    pub success: bool,
+}
+
+impl BreakerCall<'_> {
+    pub fn emit(self) {
+        let name = if self.success {
+            BREAKER_SUCCESS_TOTAL
+        } else {
+            BREAKER_FAILURE_TOTAL
+        };
+        metrics::counter!(name, "extension_id" => self.extension_id.to_owned()).increment(1);
+    }
+}
+
+/// An extension's circuit breaker changed state.
+pub struct BreakerTransitioned<'a> {
+    pub extension_id: &'a str,
+    pub transition: Transition,
+}
+
+impl BreakerTransitioned<'_> {
+    pub fn emit(self) {
+        let t = self.transition;
+        if t.to == State::Open {
+            tracing::warn!(
+                extension.id = self.extension_id,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                "circuit breaker opened"
+            );
+        } else {
+            tracing::info!(
+                extension.id = self.extension_id,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                "circuit breaker changed state"
+            );
+        }
+        metrics::counter!(
+            BREAKER_TRANSITIONS_TOTAL,
+            "extension_id" => self.extension_id.to_owned(),
+            "transition" => t.as_str()
+        )
+        .increment(1);
+        set_state(self.extension_id, t.to);
+    }
+}
+
+impl BreakerTransitioned<'static> {
+    /// A breaker was created (closed).
+    pub fn initial(extension_id: &str) {
+        set_state(extension_id, State::Closed);
+    }
+}
+
+fn set_state(extension_id: &str, current: State) {
+    for state in State::ALL {
+        metrics::gauge!(
+            BREAKER_STATE,
+            "extension_id" => extension_id.to_owned(),
+            "state" => state.as_str()
+        )
+        .set(if state == current { 1.0 } else { 0.0 });
     }
 }
