@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Stop what scripts/dev-up.sh started: gateway, router, worker and, only if
-# dev-up started it, nats-server. SIGTERM first, SIGKILL after a grace period.
+# Stop what scripts/dev-up.sh started, and only that (each one's pid file in
+# .dev/, checked against its command and working directory): loadgen, gateway,
+# router, worker, Prometheus, Alertmanager, otlp-sink and nats-server (each
+# only if dev-up started it). SIGTERM first, SIGKILL after a grace period.
 #
 # Usage: scripts/dev-down.sh [--purge]
 #   --purge  also delete .dev/ (logs, SQLite run store, JetStream data)
-# DEV_STOP_TIMEOUT [10] is the grace period in seconds.
+# DEV_STOP_TIMEOUT [10] is the grace period in seconds; DEV_DIR [.dev] as for dev-up.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT"
-DEV=.dev
+DEV="${DEV_DIR:-.dev}"
 GRACE="${DEV_STOP_TIMEOUT:-10}"
 
 purge=0
@@ -46,13 +48,30 @@ live_pid() {
     printf '%s' "$pid"
 }
 
-# stop NAME...: SIGTERM each one's process (the command of "nats" is
-# nats-server), wait up to GRACE seconds for all, then SIGKILL what remains.
+# The command name (/proc/<pid>/comm, at most 15 characters) of NAME.
+comm_of() {
+    case "$1" in
+        nats) echo nats-server ;;
+        alertmanager)
+            # Debian's binary is prometheus-alertmanager; upstream's alertmanager.
+            if [[ -s $DEV/alertmanager.pid ]] \
+                && [[ "$(cat "/proc/$(<"$DEV/alertmanager.pid")/comm" 2>/dev/null)" == alertmanager ]]; then
+                echo alertmanager
+            else
+                echo prometheus-aler
+            fi
+            ;;
+        *) echo "$1" ;;
+    esac
+}
+
+# stop NAME...: SIGTERM each one's process, wait up to GRACE seconds for all,
+# then SIGKILL what remains.
 stop() {
     local name pid deadline
     local -A pids=()
     for name in "$@"; do
-        if pid="$(live_pid "$name" "${name/nats/nats-server}")"; then
+        if pid="$(live_pid "$name" "$(comm_of "$name")")"; then
             kill -TERM "$pid" 2>/dev/null || true
             pids[$name]=$pid
             log "stopping $name (pid $pid)"
@@ -73,9 +92,12 @@ stop() {
 }
 
 if [[ -d $DEV ]]; then
-    # Services first, so they can drain against a live broker; then NATS
-    # (its pid file exists only if dev-up started it).
+    # Traffic first, then the services, so they can drain against a live
+    # broker and flush spans to a live sink; then the observability processes
+    # and NATS (each pid file exists only if dev-up started that process).
+    stop loadgen
     stop gateway router worker
+    stop prometheus alertmanager otlp-sink
     stop nats
 fi
 

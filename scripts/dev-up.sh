@@ -1,34 +1,47 @@
 #!/usr/bin/env bash
-# Local Beamline stack without Docker: nats-server (JetStream) + gateway,
-# router and worker built in release mode, then one sample run end to end.
+# Local Beamline stack without Docker: nats-server (JetStream), gateway,
+# router and worker built in release mode, an OTLP span sink standing in for
+# the collector + Jaeger (otlp-sink, from scripts/loadgen), Prometheus and
+# Alertmanager from Debian's packages when installed (the same scrape jobs and
+# rules as the compose stack), loadgen's mixed demo traffic, and one sample run
+# end to end.
 #
-# Usage: scripts/dev-up.sh [--no-build] [--no-run] [--sample-run]
+# Usage: scripts/dev-up.sh [--no-build] [--no-run] [--no-traffic] [--sample-run]
 #   --no-build    start the binaries already in target/release
 #   --no-run      do not submit the sample run
+#   --no-traffic  do not start loadgen (continuous `mixed` traffic)
 #   --sample-run  only submit the sample run to a gateway already up on
 #                 localhost:3000 (demo.sh uses this for the compose stack)
-# Environment overrides (defaults in brackets): GATEWAY_API_KEYS [demo:demo-key],
-# DATABASE_URL [sqlite://.dev/gateway.db?mode=rwc], NATS_URL, RUST_LOG [info],
-# LOG_FORMAT [json], OTEL_EXPORTER_OTLP_ENDPOINT [http://localhost:4317],
-# GATEWAY_URL [http://localhost:3000] (for --sample-run),
-# DEV_READY_TIMEOUT [60] and DEV_RUN_TIMEOUT [30] seconds.
+# Environment overrides (defaults in brackets): GATEWAY_API_KEYS
+# [demo:demo-key,slow:slow-key], DATABASE_URL [sqlite://.dev/gateway.db?mode=rwc],
+# NATS_URL, DEV_NATS_PORT [4222], RUST_LOG [info], LOG_FORMAT [json],
+# OTEL_EXPORTER_OTLP_ENDPOINT [http://localhost:4317] (otlp-sink listens there
+# unless something already does), SPANMETRICS_PORT [8889] (otlp-sink's HTTP:
+# /api/traces/{id}, /metrics), PROMETHEUS_PORT [9090], ALERTMANAGER_PORT [9093],
+# the services' *_ADDR variables (README), LOADGEN_SCENARIO [mixed],
+# LOADGEN_RATE [5], GATEWAY_URL [http://localhost:3000] (for --sample-run),
+# DEV_DIR [.dev] (state, logs, pid files), DEV_READY_TIMEOUT [60] and
+# DEV_RUN_TIMEOUT [30] seconds.
 # Stop everything with scripts/dev-down.sh; state and logs live in .dev/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT"
-DEV=.dev
-NATS_PORT=4222
+DEV="${DEV_DIR:-.dev}"
+NATS_PORT="${DEV_NATS_PORT:-4222}"
+SPANMETRICS_PORT="${SPANMETRICS_PORT:-8889}"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
+ALERTMANAGER_PORT="${ALERTMANAGER_PORT:-9093}"
 READY_TIMEOUT="${DEV_READY_TIMEOUT:-60}"
 RUN_TIMEOUT="${DEV_RUN_TIMEOUT:-30}"
-GATEWAY_URL="${GATEWAY_URL:-http://localhost:3000}"
-export GATEWAY_API_KEYS="${GATEWAY_API_KEYS:-demo:demo-key}"
+export GATEWAY_API_KEYS="${GATEWAY_API_KEYS:-demo:demo-key,slow:slow-key}"
 
-build=1 run=1 only_run=0
+build=1 run=1 only_run=0 traffic=1
 for arg in "$@"; do
     case "$arg" in
         --no-build) build=0 ;;
         --no-run) run=0 ;;
+        --no-traffic) traffic=0 ;;
         --sample-run) only_run=1 ;;
         -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "dev-up: unknown argument: $arg (try --help)" >&2; exit 2 ;;
@@ -117,6 +130,7 @@ sample_run() {
 }
 
 if ((only_run)); then
+    GATEWAY_URL="${GATEWAY_URL:-http://localhost:3000}"
     sample_run
     exit
 fi
@@ -147,8 +161,8 @@ fi
 
 # --- build ------------------------------------------------------------------
 if ((build)); then
-    log "cargo build --release -p gateway -p router -p worker"
-    cargo build --release -p gateway -p router -p worker
+    log "cargo build --release -p gateway -p router -p worker -p loadgen"
+    cargo build --release -p gateway -p router -p worker -p loadgen
 fi
 TARGET_DIR="$(cargo metadata --no-deps --format-version 1 \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
@@ -159,12 +173,29 @@ ROUTER_ADMIN="$(port_of "${ROUTER_ADMIN_ADDR:-0.0.0.0:9001}")"
 WORKER_ADMIN="$(port_of "${WORKER_ADMIN_ADDR:-0.0.0.0:9092}")"
 GATEWAY_PORT="$(port_of "${GATEWAY_LISTEN_ADDR:-0.0.0.0:3000}")"
 ROUTER_PORT="$(port_of "${ROUTER_GRPC_ADDR:-0.0.0.0:9000}")"
+GATEWAY_URL="${GATEWAY_URL:-http://localhost:$GATEWAY_PORT}"
 
 export NATS_URL="${NATS_URL:-nats://127.0.0.1:$NATS_PORT}"
 export DATABASE_URL="${DATABASE_URL:-sqlite://$DEV/gateway.db?mode=rwc}"
 export LOG_FORMAT="${LOG_FORMAT:-json}"
 export RUST_LOG="${RUST_LOG:-info}"
 export OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://localhost:4317}"
+OTLP_PORT="${OTEL_EXPORTER_OTLP_ENDPOINT##*:}"
+OTLP_PORT="${OTLP_PORT%%/*}"
+
+# launch NAME COMM BIN ARGS...: start BIN in the background as .dev/NAME
+# (pid file, log), unless a process we started (command COMM) still runs.
+launch() {
+    local name="$1" comm="$2" bin="$3"
+    shift 3
+    if pid_alive "$name" "$comm"; then
+        log "$name already running (pid $(<"$DEV/$name.pid"))"
+        return 1
+    fi
+    nohup "$bin" "$@" </dev/null >>"$DEV/$name.log" 2>&1 &
+    echo $! >"$DEV/$name.pid"
+    log "started $name (pid $!, log $DEV/$name.log)"
+}
 
 # start NAME PORT... : start target/release/NAME unless it already runs.
 start() {
@@ -178,10 +209,25 @@ start() {
         ! port_open "$port" || die "port $port is taken by another process; cannot start $name"
     done
     [[ -x $bin ]] || die "$bin not found; run without --no-build"
-    OTEL_SERVICE_NAME="$name" nohup "$bin" </dev/null >>"$DEV/$name.log" 2>&1 &
-    echo $! >"$DEV/$name.pid"
-    log "started $name (pid $!, log $DEV/$name.log)"
+    OTEL_SERVICE_NAME="$name" launch "$name" "$name" "$bin" || true
 }
+
+# --- otlp-sink: the collector + Jaeger stand-in -------------------------------
+sink=0
+if pid_alive otlp-sink otlp-sink; then
+    log "otlp-sink already running (pid $(<"$DEV/otlp-sink.pid"))"
+    sink=1
+elif port_open "$OTLP_PORT"; then
+    log "something already listens on $OTEL_EXPORTER_OTLP_ENDPOINT (a collector?); spans go there"
+    rm -f "$DEV/otlp-sink.pid"
+elif port_open "$SPANMETRICS_PORT"; then
+    log "port $SPANMETRICS_PORT is taken; not starting otlp-sink (spans are dropped)"
+else
+    [[ -x $TARGET_DIR/release/otlp-sink ]] || die "$TARGET_DIR/release/otlp-sink not found; run without --no-build"
+    launch otlp-sink otlp-sink "$TARGET_DIR/release/otlp-sink" \
+        --otlp "127.0.0.1:$OTLP_PORT" --http "127.0.0.1:$SPANMETRICS_PORT" || true
+    sink=1
+fi
 
 start gateway "$GATEWAY_PORT" "$GATEWAY_ADMIN"
 start router "$ROUTER_PORT" "$ROUTER_ADMIN"
@@ -206,8 +252,99 @@ wait_ready gateway "$GATEWAY_ADMIN"
 wait_ready router "$ROUTER_ADMIN"
 wait_ready worker "$WORKER_ADMIN"
 
-port_open 4317 || log "note: nothing listens on localhost:4317, so spans are dropped" \
-    "(docker compose up -d jaeger gives you a collector and the UI)"
+port_open "$OTLP_PORT" || log "note: nothing listens on localhost:$OTLP_PORT, so spans are dropped"
+
+# --- Prometheus and Alertmanager (Debian's packages, when installed) ---------
+# The configuration is observability/prometheus/prometheus.yml with the
+# compose host names turned into local ports and the compose-only jobs
+# (collector internals, NATS exporter) dropped; the rules are the same files.
+find_bin() {
+    local name
+    for name in "$@"; do
+        command -v "$name" 2>/dev/null && return 0
+        [[ -x /usr/bin/$name ]] && { echo "/usr/bin/$name"; return 0; }
+    done
+    return 1
+}
+prometheus=0 alertmanager=0
+PROM_BIN="$(find_bin prometheus || true)"
+AM_BIN="$(find_bin prometheus-alertmanager alertmanager || true)"
+if [[ -z $PROM_BIN || -z $AM_BIN ]]; then
+    log "note: Prometheus/Alertmanager not installed; for dashboards' data and alerts:" \
+        "apt-get install prometheus prometheus-alertmanager, then run dev-up again"
+fi
+if [[ -n $AM_BIN ]]; then
+    if pid_alive alertmanager "$(basename "$AM_BIN" | cut -c1-15)"; then
+        log "alertmanager already running (pid $(<"$DEV/alertmanager.pid"))"
+        alertmanager=1
+    elif port_open "$ALERTMANAGER_PORT"; then
+        log "port $ALERTMANAGER_PORT is taken; not starting Alertmanager (set ALERTMANAGER_PORT)"
+    else
+        mkdir -p "$DEV/alertmanager"
+        # --cluster.listen-address= : a single instance, no gossip port (9094).
+        launch alertmanager "$(basename "$AM_BIN" | cut -c1-15)" "$AM_BIN" \
+            --config.file="$ROOT/observability/alertmanager/alertmanager.yml" \
+            --storage.path="$DEV/alertmanager" \
+            --web.listen-address="127.0.0.1:$ALERTMANAGER_PORT" \
+            --cluster.listen-address= || true
+        alertmanager=1
+    fi
+fi
+if [[ -n $PROM_BIN ]]; then
+    if pid_alive prometheus prometheus; then
+        log "prometheus already running (pid $(<"$DEV/prometheus.pid"))"
+        prometheus=1
+    elif port_open "$PROMETHEUS_PORT"; then
+        log "port $PROMETHEUS_PORT is taken; not starting Prometheus (set PROMETHEUS_PORT)"
+    else
+        mkdir -p "$DEV/prometheus"
+        sed -e '/^ *# compose-only:begin$/,/^ *# compose-only:end$/d' \
+            -e "s#\"gateway:3001\"#\"127.0.0.1:$GATEWAY_ADMIN\"#" \
+            -e "s#\"router:9001\"#\"127.0.0.1:$ROUTER_ADMIN\"#" \
+            -e "s#\"worker:9092\"#\"127.0.0.1:$WORKER_ADMIN\"#" \
+            -e "s#\"otel-collector:8889\"#\"127.0.0.1:$SPANMETRICS_PORT\"#" \
+            -e "s#\"prometheus:9090\"#\"127.0.0.1:$PROMETHEUS_PORT\"#" \
+            -e "s#\"alertmanager:9093\"#\"127.0.0.1:$ALERTMANAGER_PORT\"#" \
+            -e "s#^  - rules/\*\.yml#  - $ROOT/observability/prometheus/rules/*.yml#" \
+            observability/prometheus/prometheus.yml >"$DEV/prometheus/prometheus.yml"
+        grep -q 'job_name: gateway' "$DEV/prometheus/prometheus.yml" \
+            || die "generating $DEV/prometheus/prometheus.yml lost the scrape jobs"
+        if command -v promtool >/dev/null; then
+            promtool check config "$DEV/prometheus/prometheus.yml" >/dev/null \
+                || die "the generated $DEV/prometheus/prometheus.yml is invalid (promtool check config)"
+        fi
+        launch prometheus prometheus "$PROM_BIN" \
+            --config.file="$DEV/prometheus/prometheus.yml" \
+            --storage.tsdb.path="$DEV/prometheus/data" \
+            --storage.tsdb.retention.time=2d \
+            --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+            --web.enable-lifecycle || true
+        prometheus=1
+    fi
+fi
+wait_http() {
+    local name="$1" url="$2" deadline=$((SECONDS + READY_TIMEOUT))
+    until curl -fsS -o /dev/null "$url" 2>/dev/null; do
+        ((SECONDS < deadline)) || die "$name not ready after ${READY_TIMEOUT}s ($url); see $DEV/$name.log"
+        sleep 0.5
+    done
+    log "$name ready ($url)"
+}
+((!alertmanager)) || wait_http alertmanager "http://127.0.0.1:$ALERTMANAGER_PORT/-/ready"
+((!prometheus)) || wait_http prometheus "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
+
+# --- loadgen: continuous demo traffic ----------------------------------------
+loadgen=0
+if ((traffic)); then
+    [[ -x $TARGET_DIR/release/loadgen ]] || die "$TARGET_DIR/release/loadgen not found; run without --no-build"
+    first_key="${GATEWAY_API_KEYS%%,*}"
+    slow_key="$(tr ',' '\n' <<<"$GATEWAY_API_KEYS" | sed -n 's/^slow://p' | head -n 1)"
+    launch loadgen loadgen "$TARGET_DIR/release/loadgen" \
+        --scenario "${LOADGEN_SCENARIO:-mixed}" --rate "${LOADGEN_RATE:-5}" --duration 0 \
+        --url "http://127.0.0.1:$GATEWAY_PORT" --api-key "${first_key#*:}" \
+        --slow-api-key "${slow_key:-slow-key}" --report-every 60s || true
+    loadgen=1
+fi
 
 rc=0
 if ((run)); then
@@ -216,9 +353,17 @@ if ((run)); then
 fi
 
 echo "Beamline dev stack is up (admin ports serve /metrics and /health/ready):"
-printf '  %-8s %-28s %s\n' \
+printf '  %-13s %-34s %s\n' \
     gateway "API  http://localhost:$GATEWAY_PORT" "admin http://localhost:$GATEWAY_ADMIN" \
     router "gRPC localhost:$ROUTER_PORT" "admin http://localhost:$ROUTER_ADMIN" \
-    worker "" "admin http://localhost:$WORKER_ADMIN"
+    worker "" "admin http://localhost:$WORKER_ADMIN" \
+    nats "nats://localhost:$NATS_PORT" ""
+((!sink)) || printf '  %-13s %-34s %s\n' otlp-sink "OTLP localhost:$OTLP_PORT" \
+    "traces http://localhost:$SPANMETRICS_PORT/api/traces/<trace_id>, span metrics /metrics"
+((!prometheus)) || printf '  %-13s %s\n' prometheus "http://localhost:$PROMETHEUS_PORT (alerts: /alerts, targets: /targets)"
+((!alertmanager)) || printf '  %-13s %s\n' alertmanager "http://localhost:$ALERTMANAGER_PORT"
+((!loadgen)) || printf '  %-13s %s\n' loadgen "${LOADGEN_SCENARIO:-mixed} traffic at ${LOADGEN_RATE:-5}/s (tables every minute in $DEV/loadgen.log)"
+echo "No Grafana or Jaeger UI without Docker: scripts/observability/validate_dashboards.sh runs every"
+echo "panel's query against this Prometheus; validate_traces.sh checks a run's trace in otlp-sink."
 echo "Logs: $DEV/<name>.log   Stop: scripts/dev-down.sh"
 exit "$rc"
