@@ -6,15 +6,17 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use telemetry::Telemetry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wire::jetstream::{ConsumeOptions, ConsumerDef};
 
 use crate::config::Config;
+use crate::ratelimit::RateLimiter;
 use crate::routes::{approvals, runs};
 use crate::store::Store;
+use crate::waiters::Waiters;
 use crate::{consumer, http_trace};
 
 /// What request handlers share.
@@ -25,6 +27,8 @@ pub struct AppState {
     pub jetstream: async_nats::jetstream::Context,
     /// Approval decisions (key `<run_id>.<step_id>`), read by the worker.
     pub approvals: async_nats::jetstream::kv::Store,
+    pub rate_limiter: Arc<RateLimiter>,
+    pub waiters: Arc<Waiters>,
 }
 
 impl AppState {
@@ -68,8 +72,10 @@ impl App {
 
         Ok(Self {
             state: AppState {
-                config: Arc::new(config),
                 store,
+                rate_limiter: Arc::new(RateLimiter::new(config.rate_limits.clone())),
+                waiters: Arc::default(),
+                config: Arc::new(config),
                 jetstream,
                 approvals,
             },
@@ -112,6 +118,7 @@ impl App {
         )
         .await?;
         let store = self.state.store.clone();
+        let waiters = self.state.waiters.clone();
         let consuming = tokio::spawn(wire::jetstream::consume(
             events,
             ConsumeOptions {
@@ -122,7 +129,19 @@ impl App {
                 drain: None,
             },
             shutdown.clone(),
-            move |message| consumer::handle(store.clone(), message),
+            move |message| consumer::handle(store.clone(), waiters.clone(), message),
+        ));
+        // Every replica hears every event (core NATS, not the shared durable
+        // consumer), so `?wait=` requests wake wherever they are held.
+        let wakeups = tokio::spawn(wake_waiters(
+            self.nats.clone(),
+            self.state.waiters.clone(),
+            shutdown.clone(),
+        ));
+        let expiry = tokio::spawn(expire_idempotency_keys(
+            self.state.store.clone(),
+            self.state.config.idempotency_ttl,
+            shutdown.clone(),
         ));
 
         let api = router(self.state.clone());
@@ -148,6 +167,8 @@ impl App {
         health.set_stopping();
         serving.await?.context("serving the API")?;
         consuming.await??;
+        wakeups.await??;
+        expiry.await?;
         admin.await?.context("serving the admin port")?;
         self.nats.flush().await.context("flushing NATS")?;
         Ok(())
@@ -157,17 +178,137 @@ impl App {
 /// The API routes with their middleware.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.body_limit;
-    Router::new()
-        .route(runs::COLLECTION, post(runs::create))
-        .route(runs::ITEM, get(runs::get))
-        .route(approvals::APPROVE, post(approvals::approve))
-        .route(approvals::REJECT, post(approvals::reject))
+    api_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, _, handler)| {
+            router.route(path, handler)
+        })
         .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(http_trace::layer))
         .with_state(state)
 }
 
+/// Every API route: path template, methods, handler. The router is built
+/// from this table, and a test checks the OpenAPI document against it.
+pub fn api_routes() -> Vec<(
+    &'static str,
+    &'static [&'static str],
+    MethodRouter<AppState>,
+)> {
+    vec![
+        (
+            runs::COLLECTION,
+            &["post", "get"],
+            post(runs::create).get(runs::list),
+        ),
+        (runs::ITEM, &["get"], get(runs::get)),
+        (approvals::APPROVE, &["post"], post(approvals::approve)),
+        (approvals::REJECT, &["post"], post(approvals::reject)),
+        (
+            crate::openapi::PATH,
+            &["get"],
+            get(crate::openapi::document),
+        ),
+    ]
+}
+
 async fn fallback() -> crate::error::ApiError {
     crate::error::ApiError::NotFound("route")
+}
+
+async fn method_not_allowed() -> crate::error::ApiError {
+    crate::error::ApiError::MethodNotAllowed
+}
+
+/// Passes every `runs.events` message to the local waiters.
+async fn wake_waiters(
+    nats: async_nats::Client,
+    waiters: Arc<Waiters>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let mut events = nats
+        .subscribe(wire::events::SUBJECT)
+        .await
+        .context("subscribing to runs.events")?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            message = events.next() => match message {
+                None => return Ok(()),
+                Some(message) => {
+                    if let Ok(event) = wire::events::RunEvent::decode(&message.payload) {
+                        waiters.notify(&event);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Deletes expired idempotency keys every ten minutes.
+async fn expire_idempotency_keys(
+    store: Store,
+    ttl: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => match store.expire_idempotency_keys(ttl).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(expired = n, "idempotency keys expired"),
+                Err(err) => tracing::warn!(error = format!("{err:#}"), "cannot expire idempotency keys"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi;
+
+    #[test]
+    fn every_route_is_in_the_openapi_document() {
+        let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).expect("document");
+        assert!(
+            doc["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3.1")),
+            "{}",
+            doc["openapi"]
+        );
+        let routes = super::api_routes();
+        for (path, methods, _) in &routes {
+            for method in *methods {
+                assert!(
+                    doc["paths"][path][method].is_object(),
+                    "{method} {path} missing from the OpenAPI document"
+                );
+            }
+        }
+        // And nothing documented that is not served.
+        let documented = doc["paths"].as_object().expect("paths").len();
+        assert_eq!(documented, routes.len());
+        // The span/metric route templates are exactly the served routes.
+        let mut templates: Vec<&str> = crate::routes::TEMPLATES.to_vec();
+        let mut served: Vec<&str> = routes.iter().map(|(p, _, _)| *p).collect();
+        templates.sort_unstable();
+        served.sort_unstable();
+        assert_eq!(templates, served);
+    }
+
+    #[test]
+    fn documented_errors_use_the_error_body() {
+        let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).expect("document");
+        let post = &doc["paths"]["/v1/runs"]["post"]["responses"];
+        for status in ["400", "401", "409", "413", "415", "422", "429", "503"] {
+            let schema = &post[status]["content"]["application/json"]["schema"]["$ref"];
+            assert_eq!(schema, "#/components/schemas/ErrorBody", "{status}");
+        }
+        assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+    }
 }

@@ -46,6 +46,11 @@ impl ApiKeys {
         Ok(Self(keys))
     }
 
+    /// Adds `other`'s keys (a key file next to the environment's keys).
+    pub fn extend(&mut self, other: ApiKeys) {
+        self.0.extend(other.0);
+    }
+
     pub fn tenants(&self) -> impl Iterator<Item = &TenantId> {
         self.0.iter().map(|(t, _)| t)
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use telemetry::env::{self, EnvError};
 
 use crate::auth::ApiKeys;
+use crate::ratelimit::{Limit, Limits};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -24,15 +25,51 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Redelivery delay of `runs.events` messages that were not acked.
     pub events_ack_wait: Duration,
+    pub rate_limits: Limits,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
+    /// The longest `?wait=` a client may ask for.
+    pub max_wait: Duration,
 }
 
 impl Config {
     pub fn from_env() -> Result<Self, EnvError> {
-        let api_keys = match env::raw("GATEWAY_API_KEYS") {
+        let mut api_keys = match env::raw("GATEWAY_API_KEYS") {
             None => ApiKeys::default(),
             Some(value) => ApiKeys::parse(&value)
                 .map_err(|reason| EnvError::new("GATEWAY_API_KEYS", "<redacted>", reason))?,
         };
+        if let Some(path) = env::raw("GATEWAY_API_KEYS_FILE") {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| EnvError::new("GATEWAY_API_KEYS_FILE", &path, e))?;
+            // One `tenant:key` per line; `#` starts a comment.
+            let entries: Vec<&str> = text
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .collect();
+            let from_file = ApiKeys::parse(&entries.join(","))
+                .map_err(|reason| EnvError::new("GATEWAY_API_KEYS_FILE", &path, reason))?;
+            api_keys.extend(from_file);
+        }
+        let rate_limits = Limits {
+            default: Limit {
+                rate: env::parse_or("GATEWAY_RATE_LIMIT_RPS", 50.0)?,
+                burst: env::parse_or("GATEWAY_RATE_LIMIT_BURST", 100.0)?,
+            },
+            per_tenant: match env::raw("GATEWAY_RATE_LIMITS") {
+                None => Default::default(),
+                Some(value) => Limits::parse_overrides(&value)
+                    .map_err(|reason| EnvError::new("GATEWAY_RATE_LIMITS", &value, reason))?,
+            },
+        };
+        if rate_limits.default.rate < 0.0 || rate_limits.default.burst < 1.0 {
+            return Err(EnvError::new(
+                "GATEWAY_RATE_LIMIT_BURST",
+                &rate_limits.default.burst.to_string(),
+                "the rate must be >= 0 and the burst >= 1",
+            ));
+        }
         let database_url = env::string_or("DATABASE_URL", "sqlite://beamline-gateway.db?mode=rwc");
         if !(database_url.starts_with("sqlite:")
             || database_url.starts_with("postgres://")
@@ -69,6 +106,12 @@ impl Config {
                 "GATEWAY_EVENTS_ACK_WAIT_SECS",
                 30,
             )?),
+            rate_limits,
+            idempotency_ttl: Duration::from_secs(env::parse_or(
+                "GATEWAY_IDEMPOTENCY_TTL_SECS",
+                24 * 3600,
+            )?),
+            max_wait: Duration::from_secs(60),
         })
     }
 }

@@ -1,5 +1,6 @@
 //! The `runs.events` consumer: workers' reports become store updates.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
@@ -9,12 +10,13 @@ use wire::jetstream::Disposition;
 
 use crate::events::RunEventApplied;
 use crate::store::Store;
+use crate::waiters::Waiters;
 
 /// The durable consumer every gateway replica shares.
 pub const DURABLE: &str = "gateway-events";
 
 /// Applies one event; acked only once the store has it.
-pub async fn handle(store: Store, message: Message) -> Disposition {
+pub async fn handle(store: Store, waiters: Arc<Waiters>, message: Message) -> Disposition {
     let span = tracing::Span::current();
     let event = match RunEvent::decode(&message.payload) {
         Ok(event) => event,
@@ -32,6 +34,7 @@ pub async fn handle(store: Store, message: Message) -> Disposition {
     span.record("run.id", event.run_id.as_str());
     match store.apply_event(&event).await {
         Ok(changed) => {
+            waiters.notify(&event);
             RunEventApplied {
                 status: event.status,
                 changed,

@@ -14,6 +14,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0} not found")]
     NotFound(&'static str),
+    #[error("this route does not take that method")]
+    MethodNotAllowed,
     #[error("request body is not valid JSON: {0}")]
     MalformedJson(String),
     #[error("{0}")]
@@ -24,6 +26,12 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the message broker did not take the request; nothing was recorded, retry later")]
     BrokerUnavailable,
+    #[error("too many requests for this tenant; retry after {0} s")]
+    RateLimited(u64),
+    #[error("this Idempotency-Key was used with a different request body")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being processed; retry shortly")]
+    IdempotencyInFlight,
     #[error("that step is not awaiting approval")]
     NotAwaitingApproval,
     #[error("a decision was already made for that step")]
@@ -40,11 +48,16 @@ impl ApiError {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::MalformedJson(_) | Self::InvalidField(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::NotAwaitingApproval | Self::AlreadyDecided => StatusCode::CONFLICT,
+            Self::NotAwaitingApproval | Self::AlreadyDecided | Self::IdempotencyInFlight => {
+                StatusCode::CONFLICT
+            }
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -54,12 +67,16 @@ impl ApiError {
         match self {
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidField(_) => "invalid_field",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::BrokerUnavailable => "broker_unavailable",
             Self::NotAwaitingApproval => "not_awaiting_approval",
+            Self::RateLimited(_) => "rate_limited",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyInFlight => "idempotency_key_in_flight",
             Self::AlreadyDecided => "already_decided",
             Self::Unexpected(_) => "internal",
         }
@@ -78,11 +95,15 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
+        let retry_after = match &self {
+            Self::RateLimited(secs) => Some(HeaderValue::from(*secs)),
+            Self::BrokerUnavailable | Self::IdempotencyInFlight => {
+                Some(HeaderValue::from_static(RETRY_AFTER_SECS))
+            }
+            _ => None,
+        };
+        if let Some(value) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }

@@ -9,6 +9,8 @@ pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 pub const RUNS_SUBMITTED_TOTAL: &str = "gateway_runs_submitted_total";
 pub const RUN_EVENTS_TOTAL: &str = "gateway_run_events_total";
+pub const RATE_LIMITED_TOTAL: &str = "gateway_rate_limited_total";
+pub const IDEMPOTENCY_TOTAL: &str = "gateway_idempotency_total";
 
 pub fn describe() {
     metrics::describe_counter!(
@@ -24,6 +26,11 @@ pub fn describe() {
     metrics::describe_counter!(
         RUN_EVENTS_TOTAL,
         "runs.events messages applied to the store, by run status and result."
+    );
+    metrics::describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429, by tenant.");
+    metrics::describe_counter!(
+        IDEMPOTENCY_TOTAL,
+        "Idempotency-Key checks: hit (replayed), miss (new run), conflict (reused with another body)."
     );
 }
 
@@ -131,5 +138,52 @@ impl RunEventApplied {
         );
         metrics::counter!(RUN_EVENTS_TOTAL, "status" => self.status.as_str(), "result" => result)
             .increment(1);
+    }
+}
+
+/// A request was refused by the tenant's rate limit.
+pub struct RateLimited<'a> {
+    pub tenant_id: &'a str,
+    pub retry_after_secs: u64,
+}
+
+impl RateLimited<'_> {
+    pub fn emit(self) {
+        // Inside the request span: becomes a span event there.
+        tracing::warn!(retry_after_s = self.retry_after_secs, "rate limited");
+        metrics::counter!(RATE_LIMITED_TOTAL, "tenant_id" => self.tenant_id.to_owned())
+            .increment(1);
+    }
+}
+
+/// How an `Idempotency-Key` check ended.
+#[derive(Debug, Clone, Copy)]
+pub enum IdempotencyResult {
+    Hit,
+    Miss,
+    Conflict,
+}
+
+impl IdempotencyResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Conflict => "conflict",
+        }
+    }
+}
+
+pub struct IdempotencyChecked {
+    pub result: IdempotencyResult,
+}
+
+impl IdempotencyChecked {
+    pub fn emit(self) {
+        tracing::info!(
+            idempotency.result = self.result.as_str(),
+            "idempotency key checked"
+        );
+        metrics::counter!(IDEMPOTENCY_TOTAL, "result" => self.result.as_str()).increment(1);
     }
 }

@@ -8,7 +8,10 @@
 //! - [`app`]: `App::build` (binds, migrates, connects) and `App::run`.
 //! - [`routes`]: the `/v1` API handlers.
 //! - [`http_trace`]: the SERVER span and HTTP metrics middleware.
-//! - [`auth`]: API keys → tenants.
+//! - [`auth`]: API keys → tenants; [`ratelimit`]: per-tenant token buckets.
+//! - [`idempotency`]: `Idempotency-Key` rules and request fingerprints.
+//! - [`waiters`]: `?wait=` requests, woken by `runs.events`.
+//! - [`openapi`]: the generated OpenAPI 3.1 document.
 //! - [`store`]: the run store.
 //! - [`consumer`]: the `runs.events` consumer.
 //! - [`error`]: API errors → status + JSON body.
@@ -21,8 +24,12 @@ pub mod consumer;
 pub mod error;
 pub mod events;
 pub mod http_trace;
+pub mod idempotency;
+pub mod openapi;
+pub mod ratelimit;
 pub mod routes;
 pub mod store;
+pub mod waiters;
 
 pub use app::App;
 pub use config::Config;

@@ -131,6 +131,187 @@ impl Store {
     }
 }
 
+/// One page of a tenant's runs, newest first.
+pub struct Page {
+    pub runs: Vec<RunRecord>,
+    /// Where the next page starts, when there is one.
+    pub next: Option<Cursor>,
+}
+
+/// A position in the newest-first order: the last run of a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: String,
+    pub run_id: String,
+}
+
+/// What an idempotency key already stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub body_hash: String,
+    pub run_id: RunId,
+    /// `None` while the first request is still in flight.
+    pub status_code: Option<u16>,
+    pub created_at: OffsetDateTime,
+}
+
+impl Store {
+    /// The tenant's runs, newest first, optionally of one status.
+    pub async fn list(
+        &self,
+        tenant: &TenantId,
+        status: Option<RunStatus>,
+        limit: u32,
+        after: Option<&Cursor>,
+    ) -> anyhow::Result<Page> {
+        // One query shape for every combination: unused filters compare to
+        // themselves. Row-value comparison works on SQLite and PostgreSQL.
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE tenant_id = $1 \
+             AND ($2 = '' OR status = $2) \
+             AND ($3 = '' OR (created_at, run_id) < ($3, $4)) \
+             ORDER BY created_at DESC, run_id DESC LIMIT $5",
+        )
+        .bind(tenant.as_str())
+        .bind(status.map(RunStatus::as_str).unwrap_or(""))
+        .bind(after.map(|c| c.created_at.as_str()).unwrap_or(""))
+        .bind(after.map(|c| c.run_id.as_str()).unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await
+        .context("listing runs")?;
+        let mut runs = rows
+            .iter()
+            .map(decode_row)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let next = if runs.len() > limit as usize {
+            runs.truncate(limit as usize);
+            runs.last().map(|r| Cursor {
+                created_at: timestamp(r.created_at),
+                run_id: r.run_id.to_string(),
+            })
+        } else {
+            None
+        };
+        Ok(Page { runs, next })
+    }
+
+    /// Claims `key` for a new run. `Ok(None)`: claimed, go on; `Ok(Some(_))`:
+    /// the key is taken (by a finished or in-flight request). An expired
+    /// record is replaced.
+    pub async fn claim_idempotency_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        body_hash: &str,
+        run_id: &RunId,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<Option<IdempotencyRecord>> {
+        let now = OffsetDateTime::now_utc();
+        let expired_before = timestamp(now - ttl);
+        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2 AND created_at < $3")
+            .bind(tenant.as_str())
+            .bind(key)
+            .bind(&expired_before)
+            .execute(&self.pool)
+            .await
+            .context("expiring an idempotency key")?;
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (tenant_id, idem_key, body_hash, run_id, status_code, created_at) \
+             VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT (tenant_id, idem_key) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .bind(body_hash)
+        .bind(run_id.as_str())
+        .bind(timestamp(now))
+        .execute(&self.pool)
+        .await
+        .context("claiming an idempotency key")?;
+        if inserted.rows_affected() == 1 {
+            return Ok(None);
+        }
+        self.idempotency_record(tenant, key).await
+    }
+
+    pub async fn idempotency_record(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+    ) -> anyhow::Result<Option<IdempotencyRecord>> {
+        let row = sqlx::query(
+            "SELECT body_hash, run_id, status_code, created_at FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading an idempotency key")?;
+        row.map(|row| -> anyhow::Result<IdempotencyRecord> {
+            Ok(IdempotencyRecord {
+                body_hash: row.try_get("body_hash")?,
+                run_id: RunId::parse(row.try_get::<String, _>("run_id")?)
+                    .map_err(anyhow::Error::msg)?,
+                status_code: row
+                    .try_get::<Option<i64>, _>("status_code")?
+                    .and_then(|c| u16::try_from(c).ok()),
+                created_at: OffsetDateTime::parse(
+                    &row.try_get::<String, _>("created_at")?,
+                    &Rfc3339,
+                )?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records the answer given for a claimed key.
+    pub async fn complete_idempotency_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        status_code: u16,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET status_code = $1 WHERE tenant_id = $2 AND idem_key = $3",
+        )
+        .bind(i64::from(status_code))
+        .bind(tenant.as_str())
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .context("completing an idempotency key")?;
+        Ok(())
+    }
+
+    /// Releases a claimed key whose request failed, so a retry can use it.
+    pub async fn release_idempotency_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2 AND status_code IS NULL")
+            .bind(tenant.as_str())
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .context("releasing an idempotency key")?;
+        Ok(())
+    }
+
+    /// Deletes keys older than `ttl`; returns how many.
+    pub async fn expire_idempotency_keys(&self, ttl: std::time::Duration) -> anyhow::Result<u64> {
+        let before = timestamp(OffsetDateTime::now_utc() - ttl);
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE created_at < $1 AND status_code IS NOT NULL",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await
+        .context("expiring idempotency keys")?;
+        Ok(done.rows_affected())
+    }
+}
+
 /// Fixed-width UTC RFC 3339, so text order is time order.
 fn timestamp(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);

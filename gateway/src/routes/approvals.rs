@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use wire::step::FieldError;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::routes::runs::{authenticate, body_bytes, parse_json_object};
+use crate::routes::runs::{authorize, body_bytes, parse_json_object};
 
 pub const APPROVE: &str = "/v1/runs/{run_id}/steps/{step_id}/approve";
 pub const REJECT: &str = "/v1/runs/{run_id}/steps/{step_id}/reject";
@@ -30,19 +30,57 @@ struct DecisionBody {
     comment: Option<String>,
 }
 
+/// Approve an `approval` step that is waiting.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{run_id}/steps/{step_id}/approve",
+    tag = "approvals",
+    params(("run_id" = String, Path), ("step_id" = String, Path)),
+    request_body(content = Option<crate::openapi::DecisionBodySchema>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Decision recorded; the worker resumes the run"),
+        (status = 400, description = "Invalid body (`invalid_field`, `malformed_json`)", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No or unknown API key", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such run for this tenant", body = crate::openapi::ErrorBody),
+        (status = 409, description = "Step not awaiting approval (`not_awaiting_approval`) or already decided (`already_decided`)", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Body not JSON", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Broker unavailable; nothing recorded", body = crate::openapi::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn approve(
     state: State<AppState>,
     headers: HeaderMap,
-    ids: Path<(String, String)>,
+    ids: Result<Path<(String, String)>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     decide(state, headers, ids, body, Verdict::Approved).await
 }
 
+/// Reject an `approval` step that is waiting (the run fails).
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{run_id}/steps/{step_id}/reject",
+    tag = "approvals",
+    params(("run_id" = String, Path), ("step_id" = String, Path)),
+    request_body(content = Option<crate::openapi::DecisionBodySchema>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Decision recorded; the run fails"),
+        (status = 400, description = "Invalid body", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No or unknown API key", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such run for this tenant", body = crate::openapi::ErrorBody),
+        (status = 409, description = "Step not awaiting approval or already decided", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Body not JSON", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Broker unavailable; nothing recorded", body = crate::openapi::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn reject(
     state: State<AppState>,
     headers: HeaderMap,
-    ids: Path<(String, String)>,
+    ids: Result<Path<(String, String)>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     decide(state, headers, ids, body, Verdict::Rejected).await
@@ -51,11 +89,14 @@ pub async fn reject(
 async fn decide(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path((run_id, step_id)): Path<(String, String)>,
+    ids: Result<Path<(String, String)>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
     verdict: Verdict,
 ) -> Result<Response, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
+    let tenant = authorize(&state, &headers)?;
+    let Ok(Path((run_id, step_id))) = ids else {
+        return Err(ApiError::NotFound("run"));
+    };
     let run_id = RunId::parse(run_id).map_err(|_| ApiError::NotFound("run"))?;
     tracing::Span::current().record("run.id", run_id.as_str());
     let step_id = StepId::parse(step_id).map_err(|_| ApiError::NotFound("step"))?;

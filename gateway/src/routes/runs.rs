@@ -1,9 +1,12 @@
-//! `POST /v1/runs` and `GET /v1/runs/{run_id}`.
+//! `POST /v1/runs`, `GET /v1/runs`, `GET /v1/runs/{run_id}`.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,7 +14,9 @@ use opentelemetry::trace::TraceContextExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
+use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use wire::events::RunEvent;
 use wire::ids::{FlowId, ProviderId, RunId, TenantId};
 use wire::jetstream::Outgoing;
 use wire::run::{RunStatus, StepResult};
@@ -20,45 +25,74 @@ use wire::submitted::RunSubmitted;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::events::{RunSubmission, SubmitOutcome};
-use crate::store::RunRecord;
+use crate::events::{
+    IdempotencyChecked, IdempotencyResult, RateLimited, RunSubmission, SubmitOutcome,
+};
+use crate::idempotency;
+use crate::store::{Cursor, RunRecord};
 
 pub const COLLECTION: &str = "/v1/runs";
 pub const ITEM: &str = "/v1/runs/{run_id}";
 
+const DEFAULT_PAGE: u32 = 20;
+const MAX_PAGE: u32 = 100;
+
 /// The body of `POST /v1/runs`, before parsing.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRunBody {
+pub struct CreateRunBody {
+    /// The client's name for the flow (letters, digits, `_ - . :`; ≤ 128).
     flow_id: String,
+    /// The steps, executed in order (1..=GATEWAY_MAX_STEPS, ids unique).
+    #[schema(value_type = Vec<Object>)]
     steps: Vec<RawStep>,
+    /// A provider hint, honoured when the tenant's policy allows it.
     #[serde(default)]
     provider: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct Accepted {
+/// The answer to an accepted submission.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Accepted {
+    #[schema(value_type = String)]
     run_id: RunId,
+    #[schema(value_type = String, example = "accepted")]
     status: RunStatus,
     trace_id: Option<String>,
     trace_url: Option<String>,
 }
 
-/// A run as `GET /v1/runs/{run_id}` shows it.
-#[derive(Debug, Serialize)]
+/// A run as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RunView {
+    #[schema(value_type = String)]
     run_id: RunId,
+    #[schema(value_type = String)]
     flow_id: FlowId,
+    /// accepted, routed, running, awaiting_approval, succeeded, failed, rejected, timed_out
+    #[schema(value_type = String)]
     status: RunStatus,
     provider: Option<String>,
+    /// Every step: its result, or `pending`.
+    #[schema(value_type = Vec<Object>)]
     steps: Vec<StepView>,
     error: Option<String>,
     trace_id: Option<String>,
     trace_url: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     updated_at: OffsetDateTime,
+}
+
+/// A page of runs, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunList {
+    runs: Vec<RunView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
 /// A step's result, or `pending` before the worker has reported it.
@@ -79,12 +113,42 @@ enum StepView {
     },
 }
 
+/// Submit a run.
+#[utoipa::path(
+    post,
+    path = "/v1/runs",
+    tag = "runs",
+    request_body(content = CreateRunBody, content_type = "application/json"),
+    params(
+        ("wait" = Option<u32>, Query, description = "Hold the request up to this many seconds (max 60) until the run ends"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Same key + same body = same run (≤ 255 printable characters, remembered GATEWAY_IDEMPOTENCY_TTL_SECS)"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context to continue"),
+    ),
+    responses(
+        (status = 202, description = "Durably queued (or still running after `wait`)", body = Accepted,
+         headers(("traceparent" = String, description = "The gateway's server span"), ("Location" = String))),
+        (status = 200, description = "With `wait`: the run ended", body = RunView),
+        (status = 400, description = "Malformed JSON or an invalid field (`malformed_json`, `invalid_field`)", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No or unknown API key (`unauthorized`)", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The same Idempotency-Key is still in flight (`idempotency_key_in_flight`)", body = crate::openapi::ErrorBody),
+        (status = 413, description = "Body over GATEWAY_BODY_LIMIT_BYTES (`payload_too_large`)", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Body not JSON (`unsupported_media_type`)", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Idempotency-Key reused with another body (`idempotency_key_reused`)", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Tenant rate limit (`rate_limited`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
+        (status = 503, description = "Broker did not take the run; nothing stored (`broker_unavailable`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let result = create_inner(&state, &headers, body).await;
+    let result = match query_params(query) {
+        Ok(query) => create_inner(&state, &headers, &query, body).await,
+        Err(err) => Err(err),
+    };
     let outcome = match &result {
         Ok(_) => SubmitOutcome::Accepted,
         Err(ApiError::BrokerUnavailable) => SubmitOutcome::BrokerUnavailable,
@@ -98,12 +162,24 @@ pub async fn create(
 async fn create_inner(
     state: &AppState,
     headers: &HeaderMap,
+    query: &HashMap<String, String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let tenant = authenticate(state, headers)?;
+    let tenant = authorize(state, headers)?;
     require_json(headers)?;
+    let wait = parse_wait(state, query)?;
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| "must be printable ASCII".to_owned())
+                .and_then(idempotency::parse_key)
+                .map_err(|m| FieldError::new("Idempotency-Key", m))
+        })
+        .transpose()?;
     let body = body_bytes(state, body)?;
-    let request: CreateRunBody = parse_json_object(&body)?;
+    let value: Value = parse_json_object(&body)?;
+    let request: CreateRunBody = from_value(value.clone())?;
     let flow_id = FlowId::parse(request.flow_id).map_err(|m| FieldError::new("flow_id", m))?;
     let provider = request
         .provider
@@ -114,6 +190,26 @@ async fn create_inner(
 
     let span = tracing::Span::current();
     let run_id = RunId::generate(uuid::Uuid::now_v7());
+    if let Some(key) = &idempotency_key {
+        let fingerprint = idempotency::fingerprint(&value);
+        match claim(state, &tenant, key, &fingerprint, &run_id).await? {
+            Claim::New => {}
+            Claim::Replay(existing) => {
+                span.record("run.id", existing.as_str());
+                let run = state
+                    .store
+                    .get(&tenant, &existing)
+                    .await?
+                    .ok_or(ApiError::NotFound("run"))?;
+                let waiter = wait.map(|_| state.waiters.subscribe(existing.as_str()));
+                let mut response = answer(state, run, wait, waiter).await?;
+                response
+                    .headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+        }
+    }
     span.record("run.id", run_id.as_str());
     span.record("flow.id", flow_id.as_str());
     let trace_id = current_trace_id(&span);
@@ -127,85 +223,383 @@ async fn create_inner(
         provider,
         submitted_at: now,
     };
+    let record = RunRecord {
+        run_id: run_id.clone(),
+        tenant_id: tenant.clone(),
+        flow_id,
+        status: RunStatus::Accepted,
+        steps,
+        results: Vec::new(),
+        provider: None,
+        error: None,
+        trace_id: trace_id.clone(),
+        created_at: now,
+        updated_at: now,
+    };
     // Stored first, then handed off: an event can never arrive for a run the
     // store does not know. If the hand-off fails the row is removed again, so
     // nothing half-accepted remains.
-    state
-        .store
-        .insert(&RunRecord {
-            run_id: run_id.clone(),
-            tenant_id: tenant.clone(),
-            flow_id,
-            status: RunStatus::Accepted,
-            steps,
-            results: Vec::new(),
-            provider: None,
-            error: None,
-            trace_id: trace_id.clone(),
-            created_at: now,
-            updated_at: now,
-        })
-        .await?;
-    let published = tokio::time::timeout(
-        state.config.publish_timeout,
-        wire::jetstream::publish(
-            &state.jetstream,
-            Outgoing {
-                subject: wire::submitted::SUBJECT,
-                message_id: run_id.as_str(),
-                payload: run.encode(),
-                tenant_id: tenant.as_str(),
-                run_id: run_id.as_str(),
-            },
-        ),
-    )
-    .await;
-    if !matches!(published, Ok(Ok(_))) {
-        let reason = match published {
-            Ok(Err(err)) => err.to_string(),
-            _ => "timed out waiting for the JetStream acknowledgement".to_owned(),
-        };
+    if let Err(err) = state.store.insert(&record).await {
+        release(state, &tenant, idempotency_key.as_deref()).await;
+        return Err(err.into());
+    }
+    // Subscribed before publishing, so a fast run cannot end unseen.
+    let waiter = wait.map(|_| state.waiters.subscribe(run_id.as_str()));
+    if let Err(reason) = hand_off(state, &run).await {
         telemetry::events::ComponentError {
             code: "broker_unavailable",
             message: &reason,
         }
         .emit();
         state.store.delete(&run_id).await?;
+        release(state, &tenant, idempotency_key.as_deref()).await;
         return Err(ApiError::BrokerUnavailable);
     }
+    if let Some(key) = &idempotency_key {
+        state
+            .store
+            .complete_idempotency_key(&tenant, key, StatusCode::ACCEPTED.as_u16())
+            .await?;
+    }
+    answer(state, record, wait, waiter).await
+}
 
-    let location = format!("{COLLECTION}/{run_id}");
-    let body = Accepted {
-        trace_url: trace_id.as_ref().map(|t| state.trace_url(t)),
-        trace_id,
-        status: RunStatus::Accepted,
-        run_id,
+enum Claim {
+    /// The key is ours: create the run.
+    New,
+    /// The key already stands for this run: answer with it.
+    Replay(RunId),
+}
+
+/// `gateway.idempotency.check`: claims the key, or finds what it stands for.
+/// A request holding the same key concurrently is waited for (bounded).
+async fn claim(
+    state: &AppState,
+    tenant: &TenantId,
+    key: &str,
+    fingerprint: &str,
+    run_id: &RunId,
+) -> Result<Claim, ApiError> {
+    let span = tracing::info_span!(
+        "gateway.idempotency.check",
+        idempotency.result = tracing::field::Empty
+    );
+    let outcome = async {
+        let deadline =
+            tokio::time::Instant::now() + state.config.publish_timeout + Duration::from_secs(2);
+        loop {
+            let existing = state
+                .store
+                .claim_idempotency_key(
+                    tenant,
+                    key,
+                    fingerprint,
+                    run_id,
+                    state.config.idempotency_ttl,
+                )
+                .await?;
+            let Some(existing) = existing else {
+                return Ok((Claim::New, IdempotencyResult::Miss));
+            };
+            if existing.body_hash != fingerprint {
+                return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Conflict));
+            }
+            if existing.status_code.is_some() {
+                return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Hit));
+            }
+            // Another request with this key is between insert and publish.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::IdempotencyInFlight);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    let (claim, result) = match outcome {
+        Ok(found) => found,
+        Err(ApiError::IdempotencyInFlight) => return Err(ApiError::IdempotencyInFlight),
+        Err(other) => return Err(other),
     };
-    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    span.record("idempotency.result", result.as_str());
+    let _entered = span.enter();
+    IdempotencyChecked { result }.emit();
+    match result {
+        IdempotencyResult::Conflict => Err(ApiError::IdempotencyKeyReused),
+        _ => Ok(claim),
+    }
+}
+
+async fn release(state: &AppState, tenant: &TenantId, key: Option<&str>) {
+    if let Some(key) = key
+        && let Err(err) = state.store.release_idempotency_key(tenant, key).await
+    {
+        tracing::warn!(
+            error = format!("{err:#}"),
+            "cannot release an idempotency key"
+        );
+    }
+}
+
+/// Publishes the run to `runs.submitted` and waits for the stream's ack.
+async fn hand_off(state: &AppState, run: &RunSubmitted) -> Result<(), String> {
+    // async-nats buffers publishes while disconnected and would send this
+    // one after we answered 503: refuse up front instead.
+    if state.jetstream.client().connection_state() != async_nats::connection::State::Connected {
+        return Err("not connected to NATS".to_owned());
+    }
+    let published = tokio::time::timeout(
+        state.config.publish_timeout,
+        wire::jetstream::publish(
+            &state.jetstream,
+            Outgoing {
+                subject: wire::submitted::SUBJECT,
+                message_id: run.run_id.as_str(),
+                payload: run.encode(),
+                tenant_id: run.tenant_id.as_str(),
+                run_id: run.run_id.as_str(),
+            },
+        ),
+    )
+    .await;
+    match published {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err("timed out waiting for the JetStream acknowledgement".to_owned()),
+    }
+}
+
+/// 202 with the run id, or — with `wait` — 200 with the run once it ends
+/// (202 with the run so far if the wait runs out).
+async fn answer(
+    state: &AppState,
+    run: RunRecord,
+    wait: Option<Duration>,
+    waiter: Option<crate::waiters::Waiter>,
+) -> Result<Response, ApiError> {
+    let location = format!("{COLLECTION}/{}", run.run_id);
+    let mut response = match (wait, waiter) {
+        (Some(wait), Some(mut waiter)) => {
+            let latest = wait_for_end(&mut waiter, wait, run.status).await;
+            let stored = state
+                .store
+                .get(&run.tenant_id, &run.run_id)
+                .await?
+                .unwrap_or(run);
+            let view = view(state, stored, latest.as_ref());
+            let status = if view.status.is_terminal() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (status, Json(view)).into_response()
+        }
+        _ => {
+            let body = Accepted {
+                trace_url: run.trace_id.as_ref().map(|t| state.trace_url(t)),
+                trace_id: run.trace_id,
+                status: run.status,
+                run_id: run.run_id,
+            };
+            (StatusCode::ACCEPTED, Json(body)).into_response()
+        }
+    };
     if let Ok(location) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(LOCATION, location);
     }
     Ok(response)
 }
 
+/// Waits for a terminal event, at most `wait`; returns the latest event seen.
+async fn wait_for_end(
+    waiter: &mut crate::waiters::Waiter,
+    wait: Duration,
+    current: RunStatus,
+) -> Option<RunEvent> {
+    if current.is_terminal() {
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(event) = waiter.events.borrow().as_ref()
+            && event.status.is_terminal()
+        {
+            return Some(event.clone());
+        }
+        match tokio::time::timeout_at(deadline, waiter.events.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return waiter.events.borrow().clone(),
+        }
+    }
+}
+
+/// The query string as a map, or 400 when it does not parse.
+fn query_params(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| FieldError::new("query", e.body_text()).into())
+}
+
+fn parse_wait(
+    state: &AppState,
+    query: &HashMap<String, String>,
+) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = query.get("wait") else {
+        return Ok(None);
+    };
+    let max = state.config.max_wait.as_secs();
+    let secs: u64 = raw.parse().ok().filter(|s| *s <= max).ok_or_else(|| {
+        FieldError::new(
+            "wait",
+            format!("must be a whole number of seconds from 0 to {max}"),
+        )
+    })?;
+    Ok((secs > 0).then(|| Duration::from_secs(secs)))
+}
+
+/// Get one run.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{run_id}",
+    tag = "runs",
+    params(("run_id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run", body = RunView),
+        (status = 401, description = "No or unknown API key", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such run for this tenant (`not_found`)", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(run_id): Path<String>,
+    run_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RunView>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
+    let tenant = authorize(&state, &headers)?;
     // A malformed id cannot name a run: the same 404 as a missing one.
-    let run_id = RunId::parse(run_id).map_err(|_| ApiError::NotFound("run"))?;
+    let run_id = run_id
+        .ok()
+        .and_then(|Path(id)| RunId::parse(id).ok())
+        .ok_or(ApiError::NotFound("run"))?;
     tracing::Span::current().record("run.id", run_id.as_str());
     let run = state
         .store
         .get(&tenant, &run_id)
         .await?
         .ok_or(ApiError::NotFound("run"))?;
-    Ok(Json(view(&state, run)))
+    Ok(Json(view(&state, run, None)))
 }
 
-fn view(state: &AppState, run: RunRecord) -> RunView {
+/// List the tenant's runs, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    params(
+        ("status" = Option<String>, Query, description = "Only runs with this status"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1..=100 (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of runs", body = RunList),
+        (status = 400, description = "Invalid status, limit or cursor (`invalid_field`)", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No or unknown API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<RunList>, ApiError> {
+    let tenant = authorize(&state, &headers)?;
+    let query = query_params(query)?;
+    let status = query
+        .get("status")
+        .map(|s| {
+            RunStatus::parse(s)
+                .ok_or_else(|| FieldError::new("status", format!("unknown run status {s:?}")))
+        })
+        .transpose()?;
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .parse()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| {
+                FieldError::new(
+                    "limit",
+                    format!("must be a whole number from 1 to {MAX_PAGE}"),
+                )
+            })?,
+    };
+    let cursor = query
+        .get("cursor")
+        .map(|raw| {
+            decode_cursor(raw)
+                .ok_or_else(|| FieldError::new("cursor", "is not a cursor this API returned"))
+        })
+        .transpose()?;
+    let page = state
+        .store
+        .list(&tenant, status, limit, cursor.as_ref())
+        .await?;
+    Ok(Json(RunList {
+        runs: page
+            .runs
+            .into_iter()
+            .map(|r| view(&state, r, None))
+            .collect(),
+        next_cursor: page.next.as_ref().map(encode_cursor),
+    }))
+}
+
+/// Cursors are opaque to clients: hex of `created_at|run_id`.
+fn encode_cursor(cursor: &Cursor) -> String {
+    format!("{}|{}", cursor.created_at, cursor.run_id)
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_cursor(raw: &str) -> Option<Cursor> {
+    if raw.len() % 2 != 0 || raw.len() > 400 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..raw.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(raw.get(i..i + 2)?, 16).ok())
+        .collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let (created_at, run_id) = text.split_once('|')?;
+    OffsetDateTime::parse(created_at, &time::format_description::well_known::Rfc3339).ok()?;
+    RunId::parse(run_id).ok()?;
+    Some(Cursor {
+        created_at: created_at.to_owned(),
+        run_id: run_id.to_owned(),
+    })
+}
+
+/// The run as the API shows it; a newer event than the store has (woken
+/// waiters can see it first) is laid over it.
+fn view(state: &AppState, mut run: RunRecord, event: Option<&RunEvent>) -> RunView {
+    if let Some(event) = event
+        && event.status.rank() > run.status.rank()
+    {
+        run.status = event.status;
+        run.results = event.steps.clone();
+        run.error = event.error.clone();
+        run.provider = event
+            .provider
+            .as_ref()
+            .map(ToString::to_string)
+            .or(run.provider);
+    }
     let steps = run
         .steps
         .iter()
@@ -251,8 +645,9 @@ pub fn body_bytes(
     })
 }
 
-/// The tenant of the request's API key (recorded on the span), or 401.
-pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+/// The tenant of the request's API key (recorded on the span), within its
+/// rate limit; 401 or 429 otherwise.
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
     let tenant = state
         .config
         .api_keys
@@ -260,6 +655,15 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, A
         .cloned()
         .ok_or(ApiError::Unauthorized)?;
     tracing::Span::current().record("tenant.id", tenant.as_str());
+    if let Err(wait) = state.rate_limiter.check(&tenant) {
+        let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        RateLimited {
+            tenant_id: tenant.as_str(),
+            retry_after_secs,
+        }
+        .emit();
+        return Err(ApiError::RateLimited(retry_after_secs));
+    }
     Ok(tenant)
 }
 
@@ -291,6 +695,10 @@ pub fn parse_json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     if !value.is_object() {
         return Err(FieldError::new("body", "must be a JSON object").into());
     }
+    from_value(value)
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
@@ -314,4 +722,21 @@ fn current_trace_id(span: &tracing::Span) -> Option<String> {
     span_context
         .is_valid()
         .then(|| span_context.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let cursor = Cursor {
+            created_at: "2026-11-21T20:00:00.000001Z".to_owned(),
+            run_id: "01a1ffab-843e-71f0-abad-7fc4259a0512".to_owned(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&cursor)), Some(cursor));
+        for bad in ["", "zz", "abc", "7c7c", &"00".repeat(300)] {
+            assert_eq!(decode_cursor(bad), None, "{bad}");
+        }
+    }
 }

@@ -4,4 +4,6 @@
 mod api;
 mod durability;
 mod e2e;
+mod front_door;
+mod fuzz;
 mod process;

@@ -34,6 +34,7 @@ pub struct Ports {
     pub api: u16,
     pub gateway_admin: u16,
     pub router_admin: u16,
+    pub router_grpc: u16,
     pub worker_admin: u16,
 }
 
@@ -60,6 +61,7 @@ impl Stack {
                 api: crate::free_port(),
                 gateway_admin: crate::free_port(),
                 router_admin: crate::free_port(),
+                router_grpc: crate::free_port(),
                 worker_admin: crate::free_port(),
             },
             gateway: None,
@@ -125,10 +127,16 @@ impl Stack {
                 ),
                 ("GATEWAY_PUBLISH_TIMEOUT_MS", "1500".to_owned()),
             ],
-            Component::Router => vec![(
-                "ROUTER_ADMIN_ADDR",
-                format!("127.0.0.1:{}", self.ports.router_admin),
-            )],
+            Component::Router => vec![
+                (
+                    "ROUTER_ADMIN_ADDR",
+                    format!("127.0.0.1:{}", self.ports.router_admin),
+                ),
+                (
+                    "ROUTER_GRPC_ADDR",
+                    format!("127.0.0.1:{}", self.ports.router_grpc),
+                ),
+            ],
             Component::Worker => vec![
                 (
                     "WORKER_ADMIN_ADDR",
