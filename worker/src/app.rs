@@ -111,6 +111,12 @@ impl App {
                 move |message| executor.clone().handle(message),
             ));
         }
+        // The sample extension services the router calls (`ext.<id>`).
+        tasks.spawn(crate::extensions::serve(
+            self.nats.clone(),
+            crate::extensions::Settings::from_env()?,
+            shutdown.clone(),
+        ));
         let admin = tokio::spawn(telemetry::admin::serve(
             self.admin,
             self.admin_router,

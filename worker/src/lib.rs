@@ -10,6 +10,8 @@
 //! - [`progress`]: the run checkpoint that makes redelivery resume, not restart.
 //! - [`consume`]: the `work.<provider>` consumer (report → execute → report →
 //!   ack; dead letters after `WORKER_MAX_DELIVER`).
+//! - [`extensions`]: the sample extension services the router calls
+//!   (`ext.pii-guard` validator, `ext.enrich` pre).
 //! - [`events`]: the worker's telemetry events and metric names.
 
 pub mod app;
@@ -18,6 +20,7 @@ pub mod config;
 pub mod consume;
 pub mod events;
 pub mod execute;
+pub mod extensions;
 pub mod progress;
 
 pub use app::App;
