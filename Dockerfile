@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# One image for all three services (gateway, router, worker); docker-compose.yml
-# picks the binary with `command:`. Three stages:
+# One image for the three services (gateway, router, worker) and the traffic
+# generator (loadgen, otlp-sink); docker-compose.yml picks the binary with `command:`. Three stages:
 #   planner  - reduces the source tree to a "skeleton": every Cargo.toml, the
 #              lockfile and stub target roots (src/lib.rs, src/main.rs, build.rs,
 #              benches/, tests/, ...). New workspace members are picked up
@@ -44,15 +44,16 @@ FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 # 1. Dependencies only (cached while manifests and Cargo.lock are unchanged).
 COPY --from=planner /skeleton/ ./
-RUN cargo build --release --locked -p gateway -p router -p worker
+RUN cargo build --release --locked -p gateway -p router -p worker -p loadgen
 # 2. The real sources (gateway/migrations/ is embedded at compile time).
 #    COPY keeps the context's mtimes, which may be older than the stub build;
 #    touching every .rs file makes cargo rebuild the workspace crates for sure.
 COPY . .
 RUN find . -path ./target -prune -o -type f -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked -p gateway -p router -p worker \
+    && cargo build --release --locked -p gateway -p router -p worker -p loadgen \
     && mkdir -p /out \
-    && cp target/release/gateway target/release/router target/release/worker /out/
+    && cp target/release/gateway target/release/router target/release/worker \
+          target/release/loadgen target/release/otlp-sink /out/
 
 # ---------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime

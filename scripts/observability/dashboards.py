@@ -452,7 +452,7 @@ b.panel("Scrape duration (admin endpoint latency)", 'scrape_duration_seconds{job
 b.row("Resources")
 b.panel("CPU", f'sum by (component) (rate(process_cpu_seconds_total{{job=~"gateway|router|worker",component=~"$component"}}[{RI}]))', "percentunit", width=8, legend="{{component}}")
 b.panel("Resident memory", 'process_resident_memory_bytes{job=~"gateway|router|worker",component=~"$component"}', "bytes", width=8, legend="{{component}}",
-        th=thresholds((150 * 1024 * 1024, "orange"), (200 * 1024 * 1024, "red")), description="Alert ProcessMemoryHigh above 200 MiB (compose limit 256 MiB).")
+        th=thresholds((100 * 1024 * 1024, "orange"), (150 * 1024 * 1024, "red")), description="Alert ProcessMemoryHigh above 150 MiB (compose limit 192 MiB).")
 b.panel("Open file descriptors", 'process_open_fds{job=~"gateway|router|worker",component=~"$component"}', "short", width=8, legend="{{component}}")
 b.panel("Build info", 'component_build_info{component=~"$component"}', "none", kind="table", width=24, height=6, fmt="table", instant=True)
 b.row("NATS (compose: prometheus-nats-exporter)")
