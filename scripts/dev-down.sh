@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop what scripts/dev-up.sh started, and only that (each one's pid file in
-# .dev/, checked against its command and working directory): loadgen, gateway,
+# .dev/, checked against its command and working directory): loadgen (and the
+# demo's loadgen-errors fault), gateway,
 # router, worker, Prometheus, Alertmanager, otlp-sink and nats-server (each
 # only if dev-up started it). SIGTERM first, SIGKILL after a grace period.
 #
@@ -61,6 +62,7 @@ comm_of() {
                 echo prometheus-aler
             fi
             ;;
+        loadgen-errors) echo loadgen ;;
         *) echo "$1" ;;
     esac
 }
@@ -95,7 +97,7 @@ if [[ -d $DEV ]]; then
     # Traffic first, then the services, so they can drain against a live
     # broker and flush spans to a live sink; then the observability processes
     # and NATS (each pid file exists only if dev-up started that process).
-    stop loadgen
+    stop loadgen loadgen-errors
     stop gateway router worker
     stop prometheus alertmanager otlp-sink
     stop nats

@@ -20,6 +20,7 @@
 # /api/traces/{id}, /metrics), PROMETHEUS_PORT [9090], ALERTMANAGER_PORT [9093],
 # the services' *_ADDR variables (README), LOADGEN_SCENARIO [mixed],
 # LOADGEN_RATE [5], GATEWAY_URL [http://localhost:3000] (for --sample-run),
+# DEV_PROFILE [release] (debug: use/build target/debug, e.g. in CI after the tests),
 # DEV_DIR [.dev] (state, logs, pid files), DEV_READY_TIMEOUT [60] and
 # DEV_RUN_TIMEOUT [30] seconds.
 # Stop everything with scripts/dev-down.sh; state and logs live in .dev/.
@@ -29,6 +30,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT"
 DEV="${DEV_DIR:-.dev}"
 NATS_PORT="${DEV_NATS_PORT:-4222}"
+PROFILE="${DEV_PROFILE:-release}"
+[[ $PROFILE == release || $PROFILE == debug ]] || { echo "dev-up: DEV_PROFILE must be release or debug" >&2; exit 2; }
 SPANMETRICS_PORT="${SPANMETRICS_PORT:-8889}"
 PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 ALERTMANAGER_PORT="${ALERTMANAGER_PORT:-9093}"
@@ -161,8 +164,13 @@ fi
 
 # --- build ------------------------------------------------------------------
 if ((build)); then
-    log "cargo build --release -p gateway -p router -p worker -p loadgen"
-    cargo build --release -p gateway -p router -p worker -p loadgen
+    if [[ $PROFILE == release ]]; then
+        log "cargo build --release -p gateway -p router -p worker -p loadgen"
+        cargo build --release -p gateway -p router -p worker -p loadgen
+    else
+        log "cargo build -p gateway -p router -p worker -p loadgen"
+        cargo build -p gateway -p router -p worker -p loadgen
+    fi
 fi
 TARGET_DIR="$(cargo metadata --no-deps --format-version 1 \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
@@ -180,6 +188,10 @@ export DATABASE_URL="${DATABASE_URL:-sqlite://$DEV/gateway.db?mode=rwc}"
 export LOG_FORMAT="${LOG_FORMAT:-json}"
 export RUST_LOG="${RUST_LOG:-info}"
 export OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://localhost:4317}"
+# The same routing policy, extension registry and extension latency as compose.
+export ROUTER_POLICY_FILE="${ROUTER_POLICY_FILE:-$ROOT/observability/stack/policy.yaml}"
+export ROUTER_EXTENSIONS_FILE="${ROUTER_EXTENSIONS_FILE:-$ROOT/observability/stack/extensions.yaml}"
+export WORKER_EXT_PRE_LATENCY_MS="${WORKER_EXT_PRE_LATENCY_MS:-150}"
 OTLP_PORT="${OTEL_EXPORTER_OTLP_ENDPOINT##*:}"
 OTLP_PORT="${OTLP_PORT%%/*}"
 
@@ -197,9 +209,9 @@ launch() {
     log "started $name (pid $!, log $DEV/$name.log)"
 }
 
-# start NAME PORT... : start target/release/NAME unless it already runs.
+# start NAME PORT... : start target/<profile>/NAME unless it already runs.
 start() {
-    local name="$1" bin="$TARGET_DIR/release/$1" port
+    local name="$1" bin="$TARGET_DIR/$PROFILE/$1" port
     shift
     if pid_alive "$name" "$name"; then
         log "$name already running (pid $(<"$DEV/$name.pid"))"
@@ -223,8 +235,8 @@ elif port_open "$OTLP_PORT"; then
 elif port_open "$SPANMETRICS_PORT"; then
     log "port $SPANMETRICS_PORT is taken; not starting otlp-sink (spans are dropped)"
 else
-    [[ -x $TARGET_DIR/release/otlp-sink ]] || die "$TARGET_DIR/release/otlp-sink not found; run without --no-build"
-    launch otlp-sink otlp-sink "$TARGET_DIR/release/otlp-sink" \
+    [[ -x $TARGET_DIR/$PROFILE/otlp-sink ]] || die "$TARGET_DIR/$PROFILE/otlp-sink not found; run without --no-build"
+    launch otlp-sink otlp-sink "$TARGET_DIR/$PROFILE/otlp-sink" \
         --otlp "127.0.0.1:$OTLP_PORT" --http "127.0.0.1:$SPANMETRICS_PORT" || true
     sink=1
 fi
@@ -336,10 +348,10 @@ wait_http() {
 # --- loadgen: continuous demo traffic ----------------------------------------
 loadgen=0
 if ((traffic)); then
-    [[ -x $TARGET_DIR/release/loadgen ]] || die "$TARGET_DIR/release/loadgen not found; run without --no-build"
+    [[ -x $TARGET_DIR/$PROFILE/loadgen ]] || die "$TARGET_DIR/$PROFILE/loadgen not found; run without --no-build"
     first_key="${GATEWAY_API_KEYS%%,*}"
     slow_key="$(tr ',' '\n' <<<"$GATEWAY_API_KEYS" | sed -n 's/^slow://p' | head -n 1)"
-    launch loadgen loadgen "$TARGET_DIR/release/loadgen" \
+    launch loadgen loadgen "$TARGET_DIR/$PROFILE/loadgen" \
         --scenario "${LOADGEN_SCENARIO:-mixed}" --rate "${LOADGEN_RATE:-5}" --duration 0 \
         --url "http://127.0.0.1:$GATEWAY_PORT" --api-key "${first_key#*:}" \
         --slow-api-key "${slow_key:-slow-key}" --report-every 60s || true
