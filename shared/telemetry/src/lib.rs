@@ -9,7 +9,9 @@
 //! Layout:
 //! - [`env`]: reading settings; one error line naming the variable.
 //! - [`logs`]: the JSON log layer (trace ids and correlation fields on every line).
-//! - `traces` (private): the OTLP/gRPC tracer provider.
+//! - `traces` (private): the OTLP/gRPC tracer provider (TLS for `https://`).
+//! - [`sampling`]: `OTEL_TRACES_SAMPLER`, including the adaptive sampler.
+//! - [`export`]: the bounded span processor that counts what it drops.
 //! - [`metrics`]: the Prometheus recorder, its upkeep, process and build metrics.
 //! - [`propagation`]: W3C context in NATS and HTTP headers via the global propagator.
 //! - [`messaging`]: `send`/`process` spans for NATS.
@@ -21,12 +23,14 @@
 pub mod admin;
 pub mod env;
 pub mod events;
+pub mod export;
 pub mod health;
 pub mod logs;
 pub mod messaging;
 pub mod metrics;
 pub mod process;
 pub mod propagation;
+pub mod sampling;
 pub mod spans;
 mod traces;
 
@@ -172,6 +176,9 @@ pub fn init(info: &ServiceInfo, settings: Settings) -> anyhow::Result<Telemetry>
     } else {
         None
     };
+    if metrics.is_some() && tracer_provider.is_some() {
+        export::describe_metrics();
+    }
 
     Ok(Telemetry {
         settings,

@@ -1,22 +1,38 @@
 //! The OTLP/gRPC tracer provider.
 //!
-//! Endpoint, headers, timeout, sampler and batch sizes come from the standard
-//! `OTEL_*` variables, read by the SDK and the exporter themselves.
+//! Endpoint, headers and timeout come from the standard `OTEL_EXPORTER_OTLP_*`
+//! variables, read by the exporter itself; the sampler (`OTEL_TRACES_SAMPLER`,
+//! [`crate::sampling`]), the batch settings (`OTEL_BSP_*`, [`crate::export`])
+//! and the collector's CA (`OTEL_EXPORTER_OTLP_CERTIFICATE`) are read here, so
+//! a bad value stops the process at start.
+//!
+//! The pipeline: sampler → [`BoundedBatchProcessor`] (bounded queue, counted
+//! drops) → [`exporter`] (OTLP/gRPC, TLS for an `https://` endpoint).
 
 use std::time::Duration;
 
-use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+use anyhow::Context as _;
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 
 use crate::ServiceInfo;
 use crate::env::{self, EnvError};
+use crate::export::{BatchConfig, BoundedBatchProcessor};
 
 pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 const ENDPOINT_VARS: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+/// PEM file of the CA that signed the collector's certificate (a private CA);
+/// without it an `https://` endpoint is verified against the system's roots.
+const CERTIFICATE_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
 ];
 
 /// Fails on an endpoint that is not an `http(s)://` URL, so a typo stops the
@@ -34,19 +50,58 @@ pub(crate) fn validate_env() -> Result<(), EnvError> {
             }
         }
     }
+    for var in CERTIFICATE_VARS {
+        if let Some(path) = env::raw(var) {
+            let pem = std::fs::read(&path).map_err(|e| EnvError::new(var, &path, e))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(EnvError::new(var, &path, "expected a PEM certificate file"));
+            }
+        }
+    }
+    crate::sampling::from_env()?;
+    BatchConfig::from_env()?;
     Ok(())
 }
 
-pub(crate) fn provider(info: &ServiceInfo) -> anyhow::Result<SdkTracerProvider> {
-    let mut exporter = SpanExporter::builder().with_tonic();
+/// The endpoint the exporter will use (`None`: the exporter's default).
+fn endpoint() -> Option<String> {
+    ENDPOINT_VARS.iter().find_map(|var| env::raw(var))
+}
+
+/// The span exporter: the one place it is built (wrappers go here).
+pub(crate) fn exporter() -> anyhow::Result<impl SpanExporter + 'static> {
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
     // The exporter reads OTEL_EXPORTER_OTLP_TRACES_ENDPOINT itself; the
     // generic variable is given explicitly so both spellings work.
     if env::raw(ENDPOINT_VARS[0]).is_none()
         && let Some(endpoint) = env::raw(ENDPOINT_VARS[1])
     {
-        exporter = exporter.with_endpoint(endpoint);
+        builder = builder.with_endpoint(endpoint);
     }
-    let exporter = exporter.build()?;
+    if endpoint().is_some_and(|e| e.starts_with("https://")) {
+        // A private CA when one is given, else the system's roots.
+        let tls = match CERTIFICATE_VARS
+            .iter()
+            .find_map(|var| env::raw(var).map(|path| (var, path)))
+        {
+            Some((var, path)) => {
+                let pem = std::fs::read(&path).with_context(|| format!("{var}={path:?}"))?;
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+            }
+            None => ClientTlsConfig::new().with_enabled_roots(),
+        };
+        builder = builder.with_tls_config(tls);
+    }
+    Ok(builder.build()?)
+}
+
+/// Must run inside the Tokio runtime: the export task is spawned on it.
+pub(crate) fn provider(info: &ServiceInfo) -> anyhow::Result<SdkTracerProvider> {
+    let processor = BoundedBatchProcessor::new(
+        exporter()?,
+        BatchConfig::from_env()?,
+        &tokio::runtime::Handle::try_current()?,
+    );
 
     let mut resource = Resource::builder();
     // OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over the component name.
@@ -63,7 +118,8 @@ pub(crate) fn provider(info: &ServiceInfo) -> anyhow::Result<SdkTracerProvider> 
         .build();
 
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_span_processor(processor)
+        .with_sampler(crate::sampling::from_env()?)
         .with_resource(resource)
         .build())
 }
