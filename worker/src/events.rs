@@ -45,16 +45,25 @@ pub struct StepExecuted<'a> {
     pub status: StepStatus,
     pub tenant_id: &'a str,
     pub elapsed: Duration,
+    /// The failure's message (logs only; sanitized like every log field).
+    pub error: Option<&'a str>,
 }
 
 impl StepExecuted<'_> {
     pub fn emit(self) {
         let status = self.status.as_str();
-        tracing::info!(
-            step.status = status,
-            duration_ms = self.elapsed.as_secs_f64() * 1000.0,
-            "step attempt finished"
-        );
+        let duration_ms = self.elapsed.as_secs_f64() * 1000.0;
+        match self.error {
+            None => tracing::info!(step.status = status, duration_ms, "step attempt finished"),
+            Some(error) => {
+                tracing::warn!(
+                    step.status = status,
+                    duration_ms,
+                    error,
+                    "step attempt failed"
+                )
+            }
+        }
         metrics::counter!(
             STEP_EXECUTIONS_TOTAL,
             "step_type" => self.step_type,

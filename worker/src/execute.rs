@@ -282,11 +282,18 @@ fn finish_attempt(
             StepStatus::Failed
         }
     };
+    let error = match outcome {
+        StepOutcome::Succeeded(_) => None,
+        StepOutcome::Failed { message, .. } | StepOutcome::TimedOut { message } => {
+            Some(message.as_str())
+        }
+    };
     StepExecuted {
         step_type,
         status,
         tenant_id: run.tenant_id.as_str(),
         elapsed,
+        error,
     }
     .emit();
 }

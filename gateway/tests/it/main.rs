@@ -6,4 +6,5 @@ mod durability;
 mod e2e;
 mod front_door;
 mod fuzz;
+mod hygiene;
 mod process;

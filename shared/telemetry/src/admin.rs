@@ -17,10 +17,14 @@ use crate::metrics::MetricsHandle;
 struct AdminState {
     health: Health,
     metrics: Option<MetricsHandle>,
+    /// `METRICS_AUTH_TOKEN`: required as a bearer token on `/metrics`.
+    token: Option<std::sync::Arc<str>>,
 }
 
-/// The admin routes. `/metrics` exists only while metrics are enabled.
-pub fn router(health: Health, metrics: Option<MetricsHandle>) -> Router {
+/// The admin routes. `/metrics` exists only while metrics are enabled, and
+/// wants `Authorization: Bearer <token>` when a token is set; the health
+/// endpoints stay open for orchestrators.
+pub fn router(health: Health, metrics: Option<MetricsHandle>, token: Option<String>) -> Router {
     let with_metrics = metrics.is_some();
     let router = Router::new()
         .route("/health/live", get(live))
@@ -30,7 +34,11 @@ pub fn router(health: Health, metrics: Option<MetricsHandle>) -> Router {
     } else {
         router
     };
-    router.with_state(AdminState { health, metrics })
+    router.with_state(AdminState {
+        health,
+        metrics,
+        token: token.map(std::sync::Arc::from),
+    })
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.
@@ -64,7 +72,29 @@ async fn ready(State(state): State<AdminState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn render_metrics(State(state): State<AdminState>) -> Response {
+async fn render_metrics(
+    State(state): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Some(token) = &state.token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .unwrap_or("");
+        if !constant_time_eq(token.as_bytes(), presented.trim().as_bytes()) {
+            let body = json!({"error": {"code": "unauthorized", "message": "send Authorization: Bearer <METRICS_AUTH_TOKEN>"}});
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(body),
+            )
+                .into_response();
+        }
+    }
     // Refresh the health gauges so a scrape always sees the current state.
     state.health.check().await;
     let body = state
@@ -80,4 +110,26 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Compares without an early exit, so timing does not reveal a prefix match.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn compares_whole_values() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cret!"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
 }

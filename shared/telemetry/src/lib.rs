@@ -21,6 +21,7 @@
 //! - [`process`]: the binary skeleton (runtime, signals, flush order).
 
 pub mod admin;
+pub mod cardinality;
 pub mod env;
 pub mod events;
 pub mod export;
@@ -31,6 +32,8 @@ pub mod metrics;
 pub mod process;
 pub mod propagation;
 pub mod sampling;
+pub mod sanitize;
+pub mod span_sanitizer;
 pub mod spans;
 mod traces;
 
@@ -84,6 +87,25 @@ pub struct Settings {
     pub log_filter: String,
     /// `TELEMETRY_MESSAGING_CONTEXT`: `parent` (one trace per run) or `link`.
     pub messaging_context: ContextMode,
+    /// `TELEMETRY_REDACT_FIELDS`: field names to redact, besides the built-in ones.
+    pub redact_fields: Vec<String>,
+    /// `TELEMETRY_REDACT_PATTERNS`: regular expressions to redact anywhere.
+    pub redact_patterns: Vec<String>,
+    /// `METRICS_AUTH_TOKEN`: when set, `/metrics` wants `Authorization: Bearer <token>`.
+    pub metrics_auth_token: Option<String>,
+    /// `TELEMETRY_KNOWN_TENANTS` and `TELEMETRY_TENANT_LABEL_LIMIT`, and the
+    /// per-metric series cap `TELEMETRY_MAX_SERIES_PER_METRIC`.
+    pub cardinality: cardinality::CardinalityLimits,
+}
+
+impl std::fmt::Debug for cardinality::CardinalityLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardinalityLimits")
+            .field("known_tenants", &self.known_tenants.len())
+            .field("tenant_limit", &self.tenant_limit)
+            .field("max_series_per_metric", &self.max_series_per_metric)
+            .finish()
+    }
 }
 
 impl Settings {
@@ -102,6 +124,38 @@ impl Settings {
             log_format: env::parse_or("LOG_FORMAT", LogFormat::Json)?,
             log_filter,
             messaging_context: env::parse_or("TELEMETRY_MESSAGING_CONTEXT", ContextMode::Parent)?,
+            redact_fields: env::raw("TELEMETRY_REDACT_FIELDS")
+                .map(|v| v.split(',').map(|f| f.trim().to_owned()).collect())
+                .unwrap_or_default(),
+            redact_patterns: match env::raw("TELEMETRY_REDACT_PATTERNS") {
+                None => Vec::new(),
+                Some(raw) => {
+                    let patterns: Vec<String> = serde_json::from_str(&raw).map_err(|e| {
+                        EnvError::new(
+                            "TELEMETRY_REDACT_PATTERNS",
+                            &raw,
+                            format!("expected a JSON array of strings: {e}"),
+                        )
+                    })?;
+                    sanitize::Sanitizer::new(&[], &patterns).map_err(|reason| {
+                        EnvError::new("TELEMETRY_REDACT_PATTERNS", &raw, reason)
+                    })?;
+                    patterns
+                }
+            },
+            metrics_auth_token: env::raw("METRICS_AUTH_TOKEN"),
+            cardinality: cardinality::CardinalityLimits {
+                known_tenants: env::raw("TELEMETRY_KNOWN_TENANTS")
+                    .map(|v| {
+                        v.split(',')
+                            .map(|t| t.trim().to_owned())
+                            .filter(|t| !t.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                tenant_limit: env::parse_or("TELEMETRY_TENANT_LABEL_LIMIT", 50)?,
+                max_series_per_metric: env::parse_or("TELEMETRY_MAX_SERIES_PER_METRIC", 1_000)?,
+            },
         })
     }
 }
@@ -135,6 +189,10 @@ pub fn init(info: &ServiceInfo, settings: Settings) -> anyhow::Result<Telemetry>
         anyhow::bail!("telemetry::init needs the multi-thread Tokio runtime");
     }
     events::set_component(info.component);
+    sanitize::install(
+        sanitize::Sanitizer::new(&settings.redact_fields, &settings.redact_patterns)
+            .map_err(|e| anyhow::anyhow!("TELEMETRY_REDACT_PATTERNS: {e}"))?,
+    );
 
     global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
         Box::new(TraceContextPropagator::new()),
@@ -159,6 +217,7 @@ pub fn init(info: &ServiceInfo, settings: Settings) -> anyhow::Result<Telemetry>
     let pretty_layer = (settings.log_format == LogFormat::Pretty).then(|| {
         tracing_subscriber::fmt::layer()
             .pretty()
+            .with_writer(logs::SanitizedStdout)
             .with_filter(EnvFilter::new(&settings.log_filter))
     });
     tracing_subscriber::registry()
@@ -172,6 +231,7 @@ pub fn init(info: &ServiceInfo, settings: Settings) -> anyhow::Result<Telemetry>
             info.component,
             info.version,
             info.histogram_buckets,
+            settings.cardinality.clone(),
         )?)
     } else {
         None
@@ -208,7 +268,11 @@ fn span_filter() -> Targets {
 impl Telemetry {
     /// The admin server's routes for this process.
     pub fn admin_router(&self) -> axum::Router {
-        admin::router(self.health.clone(), self.metrics.clone())
+        admin::router(
+            self.health.clone(),
+            self.metrics.clone(),
+            self.settings.metrics_auth_token.clone(),
+        )
     }
 
     /// Flushes pending spans and shuts the tracer provider down. Idempotent;

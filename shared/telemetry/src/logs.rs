@@ -120,6 +120,10 @@ where
 
         let mut fields = Fields::default();
         event.record(&mut fields);
+        let sanitizer = crate::sanitize::global();
+        for (key, value) in fields.0.iter_mut() {
+            sanitize_value(sanitizer, key, value);
+        }
         let message = fields.0.remove("message").unwrap_or(Value::from(""));
         line.insert("message".into(), message);
 
@@ -142,7 +146,8 @@ where
             for span in scope.from_root() {
                 if let Some(correlation) = span.extensions().get::<Correlation>() {
                     for (key, value) in &correlation.0 {
-                        line.insert((*key).to_owned(), Value::from(value.as_str()));
+                        let clean = sanitizer.field(key, value);
+                        line.insert((*key).to_owned(), Value::from(clean.as_ref()));
                     }
                 }
             }
@@ -159,8 +164,61 @@ where
     }
 }
 
+/// A field's value after the sanitizer: by name, then by content (numbers
+/// too: a card number can arrive as one).
+fn sanitize_value(sanitizer: &crate::sanitize::Sanitizer, key: &str, value: &mut Value) {
+    let text = match value {
+        Value::String(text) => text.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return,
+    };
+    let clean = if key == "message" {
+        sanitizer.scrub(&text)
+    } else {
+        sanitizer.field(key, &text)
+    };
+    if clean != text {
+        *value = Value::String(clean.into_owned());
+    }
+}
+
 fn rfc3339_now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// A `MakeWriter` for the human-readable format: each event's text is
+/// buffered and scrubbed by the sanitizer before it reaches stdout (the
+/// pretty formatter writes fields itself, so the JSON layer's per-field
+/// sanitizing cannot apply).
+pub struct SanitizedStdout;
+
+pub struct ScrubbedEvent(Vec<u8>);
+
+impl std::io::Write for ScrubbedEvent {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ScrubbedEvent {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.0);
+        let clean = crate::sanitize::global().scrub(&text);
+        let _ = std::io::stdout().lock().write_all(clean.as_bytes());
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SanitizedStdout {
+    type Writer = ScrubbedEvent;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        ScrubbedEvent(Vec::new())
+    }
 }

@@ -36,6 +36,7 @@ pub(crate) fn install(
     component: &'static str,
     version: &'static str,
     buckets: &[(&'static str, &'static [f64])],
+    limits: crate::cardinality::CardinalityLimits,
 ) -> anyhow::Result<MetricsHandle> {
     let mut builder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS)?;
     for (name, values) in buckets {
@@ -43,7 +44,7 @@ pub(crate) fn install(
     }
     let recorder = builder.build_recorder();
     let prometheus = recorder.handle();
-    metrics::set_global_recorder(recorder)
+    metrics::set_global_recorder(crate::cardinality::GuardedRecorder::new(recorder, limits))
         .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
 
     let upkeep = prometheus.clone();
@@ -72,6 +73,10 @@ pub(crate) fn install(
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        crate::cardinality::OVERFLOW_METRIC,
+        "Metric emissions folded into a metric's overflow series because it hit its series cap."
+    );
     metrics::describe_counter!(
         "component_errors_total",
         "Errors inside a component, by closed-set error code."

@@ -92,7 +92,10 @@ pub(crate) fn exporter() -> anyhow::Result<impl SpanExporter + 'static> {
         };
         builder = builder.with_tls_config(tls);
     }
-    Ok(builder.build()?)
+    // Every exported span passes the sanitizer (fails closed, see sanitize.rs).
+    Ok(crate::span_sanitizer::SanitizingExporter::new(
+        builder.build()?,
+    ))
 }
 
 /// Must run inside the Tokio runtime: the export task is spawned on it.

@@ -30,6 +30,10 @@ pub struct CollectedSpan {
     /// 0 unset, 1 ok, 2 error.
     pub status_code: i32,
     pub events: Vec<String>,
+    /// Each event's attributes, in the order of `events`.
+    pub event_attributes: Vec<HashMap<String, String>>,
+    /// The status message (for ERROR).
+    pub status_message: String,
     /// `(trace_id, span_id)` of each link.
     pub links: Vec<(String, String)>,
 }
@@ -37,6 +41,14 @@ pub struct CollectedSpan {
 impl CollectedSpan {
     pub fn attr(&self, key: &str) -> Option<&str> {
         self.attributes.get(key).map(String::as_str)
+    }
+
+    /// Every piece of text the span carries (for leak checks).
+    pub fn text(&self) -> String {
+        format!(
+            "{} {:?} {:?} {:?} {}",
+            self.name, self.attributes, self.events, self.event_attributes, self.status_message
+        )
     }
 }
 
@@ -100,6 +112,16 @@ impl TraceService for Collector {
                         attributes: attributes(&span.attributes),
                         status_code: span.status.as_ref().map(|s| s.code).unwrap_or(0),
                         events: span.events.iter().map(|e| e.name.clone()).collect(),
+                        event_attributes: span
+                            .events
+                            .iter()
+                            .map(|e| attributes(&e.attributes))
+                            .collect(),
+                        status_message: span
+                            .status
+                            .as_ref()
+                            .map(|s| s.message.clone())
+                            .unwrap_or_default(),
                         links: span
                             .links
                             .iter()
