@@ -177,7 +177,7 @@ async fn sample_extensions_enrich_and_reject_with_the_trace_continued() {
             &[
                 ("reason", "rejected"),
                 ("provider", "none"),
-                ("tenant_id", "other")
+                ("tenant_id", "demo")
             ]
         ),
         Some(1.0)

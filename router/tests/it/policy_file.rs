@@ -30,7 +30,12 @@ async fn a_bad_policy_file_stops_the_router_at_start() {
         .await
         .expect("exits");
     assert_eq!(status.code(), Some(2));
-    let stderr = router.stderr().join("\n");
+    // The output reader may still be draining the pipe when exit is seen.
+    let stderr = testkit::eventually(Duration::from_secs(5), "the error line", || {
+        let lines = router.stderr();
+        async move { (!lines.is_empty()).then(|| lines.join("\n")) }
+    })
+    .await;
     assert!(stderr.contains("ROUTER_POLICY_FILE"), "{stderr}");
     assert!(
         stderr.contains("default: unknown field `stiky`"),
