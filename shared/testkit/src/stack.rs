@@ -13,7 +13,7 @@ use serde_json::Value;
 pub const DEMO_KEY: &str = "demo-key";
 pub const ACME_KEY: &str = "acme-key-1";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Component {
     Gateway,
     Router,
