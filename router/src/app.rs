@@ -52,7 +52,6 @@ impl App {
             policies: PolicyStore::new(config.policies.clone()),
             invoker: Arc::new(Invoker::new(nats.clone(), registry)),
             health: Arc::new(ProviderHealth::default()),
-            tenant_labels: Default::default(),
         });
         // Know which providers have workers before the first run is decided.
         decider

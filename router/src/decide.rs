@@ -61,33 +61,6 @@ pub struct Decider {
     pub policies: PolicyStore,
     pub invoker: Arc<Invoker>,
     pub health: Arc<ProviderHealth>,
-    pub tenant_labels: TenantLabels,
-}
-
-/// The cardinality guard of the `tenant_id` label: tenants with their own
-/// policy, plus the first [`TenantLabels::CAP`] other tenants seen by this
-/// process; any further tenant is `other`. (Tenant ids come from the
-/// gateway's API key configuration, so the cap is a safety net.)
-#[derive(Default)]
-pub struct TenantLabels(std::sync::Mutex<std::collections::HashSet<String>>);
-
-impl TenantLabels {
-    pub const CAP: usize = 100;
-
-    pub fn label(&self, policies: &PolicySet, tenant: &wire::ids::TenantId) -> String {
-        if policies.knows(tenant) {
-            return tenant.as_str().to_owned();
-        }
-        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(tenant.as_str()) {
-            return tenant.as_str().to_owned();
-        }
-        if seen.len() < Self::CAP {
-            seen.insert(tenant.as_str().to_owned());
-            return tenant.as_str().to_owned();
-        }
-        "other".to_owned()
-    }
 }
 
 impl Decider {
@@ -121,7 +94,9 @@ impl Decider {
     async fn decide_in(&self, mut run: RunSubmitted) -> Outcome {
         let started = Instant::now();
         let policies = self.policies.current();
-        let tenant_label = self.tenant_labels.label(&policies, &run.tenant_id);
+        // `tenant_id` is bounded by the recorder's cardinality guard
+        // (`telemetry::cardinality`): known tenants, else `other`.
+        let tenant_label = run.tenant_id.as_str().to_owned();
 
         // router.policy.apply: the tenant's policy and its reject rules.
         let policy = policies.for_tenant(&run.tenant_id).clone();
@@ -253,23 +228,3 @@ impl Decider {
 /// How long a `post` extension may take in the background before its
 /// invocation is abandoned (its own timeout and retries normally end it first).
 pub const POST_DEADLINE: Duration = Duration::from_secs(60);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use wire::ids::TenantId;
-
-    #[test]
-    fn tenant_labels_are_capped() {
-        let labels = TenantLabels::default();
-        let policies = PolicySet::builtin();
-        for i in 0..TenantLabels::CAP {
-            let tenant = TenantId::parse(format!("t{i}")).expect("id");
-            assert_eq!(labels.label(&policies, &tenant), format!("t{i}"));
-        }
-        let late = TenantId::parse("late").expect("id");
-        assert_eq!(labels.label(&policies, &late), "other");
-        let early = TenantId::parse("t0").expect("id");
-        assert_eq!(labels.label(&policies, &early), "t0");
-    }
-}

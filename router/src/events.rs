@@ -39,7 +39,7 @@ pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         DECISIONS_TOTAL,
-        "Routing decisions, by policy, provider, reason and tenant (past the tenant cap, `other`)."
+        "Routing decisions, by policy, provider, reason and tenant (unknown tenants as `other`)."
     );
     describe_histogram!(
         DECISION_DURATION_SECONDS,
@@ -114,7 +114,7 @@ pub fn describe() {
 /// A run was decided and will be dispatched.
 pub struct RunRouted<'a> {
     pub decision: &'a Decision,
-    /// Through the cardinality guard (`decide::TenantLabels`).
+    /// Bounded by the recorder's cardinality guard (`telemetry::cardinality`).
     pub tenant_label: &'a str,
     pub decision_time: Duration,
     pub policy_time: Duration,

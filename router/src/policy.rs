@@ -102,12 +102,6 @@ impl PolicySet {
         self.tenants.get(tenant).unwrap_or(&self.default)
     }
 
-    /// Whether the tenant has its own policy (the metrics' cardinality guard:
-    /// other tenants are counted as `other`).
-    pub fn knows(&self, tenant: &TenantId) -> bool {
-        self.tenants.contains_key(tenant)
-    }
-
     /// Every provider any policy can route to, sorted, once each.
     pub fn providers(&self) -> Vec<ProviderId> {
         let mut providers: Vec<ProviderId> = std::iter::once(&self.default)
