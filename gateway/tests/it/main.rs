@@ -8,3 +8,4 @@ mod front_door;
 mod fuzz;
 mod hygiene;
 mod process;
+mod traces_pipeline;

@@ -176,8 +176,9 @@ impl Drops {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 
-    /// Logs what was dropped since the last call, if anything was.
-    fn log(&self) {
+    /// Logs what was dropped since the last call, if anything was; whether
+    /// it logged.
+    fn log(&self) -> bool {
         let counts: Vec<u64> = self
             .pending
             .iter()
@@ -185,7 +186,7 @@ impl Drops {
             .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
-            return;
+            return false;
         }
         let last_error = self
             .last_error
@@ -203,6 +204,7 @@ impl Drops {
             last_error,
             "spans dropped: the trace exporter cannot keep up or the collector is unreachable"
         );
+        true
     }
 }
 
@@ -370,7 +372,6 @@ impl<E: SpanExporter> ExportTask<E> {
     ) {
         let mut batch: Vec<SpanData> = Vec::with_capacity(self.config.max_export_batch_size);
         let mut next_export = Instant::now() + self.config.scheduled_delay;
-        // The first drop is reported at once, later ones at most once per interval.
         let mut next_log = Instant::now();
         loop {
             tokio::select! {
@@ -388,7 +389,7 @@ impl<E: SpanExporter> ExportTask<E> {
                         let result = self.exporter.shutdown_with_timeout(
                             deadline.saturating_duration_since(Instant::now()),
                         );
-                        self.drops.log();
+                        let _ = self.drops.log();
                         let _ = reply.send(drained.and(result));
                         return;
                     }
@@ -412,20 +413,11 @@ impl<E: SpanExporter> ExportTask<E> {
                         let _ = self.export(due, None).await;
                     }
                     next_export = Instant::now() + self.config.scheduled_delay;
-                    if Instant::now() >= next_log {
-                        self.drops.log();
-                        next_log = Instant::now() + DROP_LOG_INTERVAL;
-                    }
                 }
             }
-            if Instant::now() >= next_log
-                && self
-                    .drops
-                    .pending
-                    .iter()
-                    .any(|c| c.load(Ordering::Relaxed) > 0)
-            {
-                self.drops.log();
+            // The first drops are reported at once, later ones at most once
+            // per interval (the schedule delay wakes this loop regularly).
+            if Instant::now() >= next_log && self.drops.log() {
                 next_log = Instant::now() + DROP_LOG_INTERVAL;
             }
         }
