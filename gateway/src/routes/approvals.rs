@@ -124,6 +124,14 @@ async fn decide(
         .get(&tenant, &run_id)
         .await?
         .ok_or(ApiError::NotFound("run"))?;
+    let key = wire::approvals::key(&run_id, &step_id);
+    // A decision already made wins over the run's state (which moves on
+    // once the worker has read it).
+    match state.approvals.get(&key).await {
+        Ok(Some(_)) => return Err(ApiError::AlreadyDecided),
+        Ok(None) => {}
+        Err(_) => return Err(ApiError::BrokerUnavailable),
+    }
     let awaiting = run.status == RunStatus::AwaitingApproval
         && run
             .results
@@ -138,7 +146,6 @@ async fn decide(
         tenant_id: tenant,
         at: OffsetDateTime::now_utc(),
     };
-    let key = wire::approvals::key(&run_id, &step_id);
     match state.approvals.create(&key, record.encode()).await {
         Ok(_) => {}
         Err(err) if err.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {

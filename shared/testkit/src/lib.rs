@@ -17,11 +17,18 @@ pub mod stack;
 use std::time::Duration;
 
 /// A port that was free a moment ago on 127.0.0.1.
+///
+/// Picked below Linux's ephemeral range (32768+): a port from `bind(0)`
+/// comes from that range, where the many outbound connections of a test run
+/// take ports too, and a child process could then find it taken.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on 127.0.0.1")
+    for _ in 0..1_000 {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in 20000..32000")
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`.

@@ -95,12 +95,27 @@ impl ApprovalBlock {
         if let Some(value) = self.decisions.get(key).await? {
             return Ok(ApprovalDecision::decode(&value)?);
         }
-        while let Some(entry) = updates.next().await {
-            let entry = entry?;
-            if entry.operation == async_nats::jetstream::kv::Operation::Put {
-                return Ok(ApprovalDecision::decode(&entry.value)?);
+        // The watch wakes us at once; the periodic read is a safety net for
+        // a watch that misses an update (its ordered consumer is recreated
+        // after a reconnect or missed heartbeats).
+        let mut recheck = tokio::time::interval(Duration::from_secs(2));
+        recheck.tick().await;
+        loop {
+            tokio::select! {
+                entry = updates.next() => match entry {
+                    Some(Ok(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                        return Ok(ApprovalDecision::decode(&entry.value)?);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => tracing::warn!(error = %err, "approval watch error; reading instead"),
+                    None => updates = self.decisions.watch(key).await?,
+                },
+                _ = recheck.tick() => {
+                    if let Some(value) = self.decisions.get(key).await? {
+                        return Ok(ApprovalDecision::decode(&value)?);
+                    }
+                }
             }
         }
-        anyhow::bail!("the approvals watch ended")
     }
 }

@@ -219,7 +219,7 @@ fn display_url(url: &reqwest::Url) -> String {
     if url.query().is_some() {
         let keys: Vec<String> = url
             .query_pairs()
-            .map(|(k, _)| format!("{k}=REDACTED"))
+            .map(|(k, _)| format!("{k}={}", telemetry::sanitize::REDACTED))
             .collect();
         shown.set_query(Some(&keys.join("&")));
     }
@@ -250,7 +250,7 @@ mod tests {
         let url = reqwest::Url::parse("http://user:pw@host:8080/p?token=abc&x=1").expect("url");
         assert_eq!(
             display_url(&url),
-            "http://host:8080/p?token=REDACTED&x=REDACTED"
+            "http://host:8080/p?token=[REDACTED]&x=[REDACTED]"
         );
     }
 }

@@ -87,7 +87,7 @@ async fn http_injects_traceparent_and_retries_only_retryable_failures() {
     assert_eq!(client.attr("server.address"), Some("127.0.0.1"));
     let url = client.attr("url.full").expect("url.full");
     assert!(
-        url.contains("token=REDACTED") && !url.contains("s3cr3t"),
+        url.contains("token=[REDACTED]") && !url.contains("s3cr3t"),
         "{url}"
     );
     let step = spans_named(&stack, "worker.step.execute", &run_id)
