@@ -192,6 +192,8 @@ export OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://localh
 export ROUTER_POLICY_FILE="${ROUTER_POLICY_FILE:-$ROOT/observability/stack/policy.yaml}"
 export ROUTER_EXTENSIONS_FILE="${ROUTER_EXTENSIONS_FILE:-$ROOT/observability/stack/extensions.yaml}"
 export WORKER_EXT_PRE_LATENCY_MS="${WORKER_EXT_PRE_LATENCY_MS:-150}"
+# Approval steps hold a worker slot while they wait: more slots than the default 8.
+export WORKER_CONCURRENCY="${WORKER_CONCURRENCY:-32}"
 OTLP_PORT="${OTEL_EXPORTER_OTLP_ENDPOINT##*:}"
 OTLP_PORT="${OTLP_PORT%%/*}"
 

@@ -26,8 +26,9 @@ use scenario::{Follow, Key, Request};
 use stats::{Outcome, Stats};
 
 /// How long a followed run is polled before it is reported as `still <status>`.
-const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(60);
+/// Polls count against the tenant's rate limit like any request: keep them rare.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Shared {
     args: Args,
@@ -77,17 +78,30 @@ fn outcome(result: &Result<reqwest::Response, reqwest::Error>) -> Outcome {
     }
 }
 
-/// Send one request, record it, then follow the run if asked to.
-async fn send(shared: Arc<Shared>, n: u64, request: Request) {
+/// Send one request, record it, then follow the run if asked to. The permit
+/// bounds requests in flight; it is released before the (long) follow-up.
+async fn send(
+    shared: Arc<Shared>,
+    n: u64,
+    request: Request,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let label = request.label();
     let started = Instant::now();
     let (result, key, follow) = match request {
-        Request::Submit { key, body, follow } => {
-            let r = shared
+        Request::Submit {
+            key,
+            body,
+            follow,
+            idempotency_key,
+        } => {
+            let mut builder = shared
                 .request(reqwest::Method::POST, "/v1/runs", key)
-                .json(&body)
-                .send()
-                .await;
+                .json(&body);
+            if let Some(k) = idempotency_key {
+                builder = builder.header("Idempotency-Key", k);
+            }
+            let r = builder.send().await;
             (r, key, Some(follow))
         }
         Request::Raw {
@@ -110,6 +124,7 @@ async fn send(shared: Arc<Shared>, n: u64, request: Request) {
     shared
         .stats()
         .record(label, outcome(&result), started.elapsed());
+    drop(permit);
 
     let (Ok(response), Some(follow)) = (result, follow) else {
         return;
@@ -163,6 +178,17 @@ async fn run_status(shared: &Shared, run_id: &str, key: Key) -> Option<String> {
         .send()
         .await
         .ok()?;
+    if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        // Rate limited: wait as told (our own traffic is what filled the bucket).
+        let wait = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1);
+        tokio::time::sleep(Duration::from_secs(wait.min(10))).await;
+        return None;
+    }
     let body: serde_json::Value = response.json().await.ok()?;
     body["status"].as_str().map(str::to_owned)
 }
@@ -335,10 +361,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             let permit = permits.clone().acquire_owned().await?;
             let shared = shared.clone();
             let n = sent;
-            tasks.spawn(async move {
-                send(shared, n, request).await;
-                drop(permit);
-            });
+            tasks.spawn(send(shared, n, request, permit));
             sent += 1;
             // Catch up after a stall, but never by more than one second of requests.
             next_send = (next_send + Duration::from_secs_f64(1.0 / (args.rate * factor)))

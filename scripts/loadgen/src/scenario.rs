@@ -102,6 +102,9 @@ pub enum Request {
         key: Key,
         body: Value,
         follow: Follow,
+        /// `Idempotency-Key` header: steady traffic sends a few, in pairs
+        /// (the second one is a replay the gateway answers from its store).
+        idempotency_key: Option<String>,
     },
     /// Anything else, sent as is (client mistakes).
     Raw {
@@ -129,10 +132,27 @@ fn submit(body: Value) -> Request {
         key: Key::Demo,
         body,
         follow: Follow::Sampled,
+        idempotency_key: None,
     }
 }
 
+/// A per-process prefix, so idempotency keys of two loadgen runs never collide.
+fn key_prefix() -> u64 {
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PREFIX.get_or_init(|| fastrand::u64(..))
+}
+
 fn steady_run(n: u64, rng: &mut fastrand::Rng) -> Request {
+    // Requests 0 and 1 of every 20: the same body under the same
+    // Idempotency-Key (a miss, then a hit).
+    if n % 20 < 2 {
+        return Request::Submit {
+            key: Key::Demo,
+            body: json!({"flow_id": "idempotent", "steps": [{"id": "first", "type": "noop"}, {"id": "then", "type": "delay", "input": {"ms": 10}}]}),
+            follow: Follow::Sampled,
+            idempotency_key: Some(format!("loadgen-{:x}-{}", key_prefix(), n / 20)),
+        };
+    }
     let flow = ["ingest", "enrich", "report"][(n % 3) as usize];
     let mut steps = vec![json!({"id": "start", "type": "noop"})];
     for i in 0..rng.usize(1..=3) {
@@ -165,7 +185,7 @@ fn approval_run(n: u64, approve: bool) -> Request {
             "steps": [
                 {"id": "prepare", "type": "noop"},
                 {"id": "sign-off", "type": "approval",
-                 "input": {"prompt": format!("loadgen approval #{n}"), "timeout_s": 120}},
+                 "input": {"prompt": format!("loadgen approval #{n}"), "timeout_s": 30}},
                 {"id": "ship", "type": "delay", "input": {"ms": 10}}
             ]
         }),
@@ -173,6 +193,7 @@ fn approval_run(n: u64, approve: bool) -> Request {
             step_id: "sign-off".to_owned(),
             approve,
         },
+        idempotency_key: None,
     }
 }
 
@@ -184,6 +205,7 @@ fn slow_extension_run(n: u64) -> Request {
             "steps": [{"id": "start", "type": "noop"}, {"id": "tag", "type": "delay", "input": {"ms": 5 + n % 10}}]
         }),
         follow: Follow::Sampled,
+        idempotency_key: None,
     }
 }
 
