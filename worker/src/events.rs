@@ -37,6 +37,19 @@ pub fn describe() {
         QUEUE_DEPTH,
         "Messages waiting in the provider's JetStream consumer (not yet delivered)."
     );
+    metrics::describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Work messages moved to deadletter.> instead of being executed, by reason."
+    );
+    metrics::describe_histogram!(
+        APPROVAL_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Time approval steps waited for a decision, by outcome."
+    );
+    metrics::describe_counter!(
+        APPROVALS_TOTAL,
+        "Approval steps ended, by outcome (approved, rejected, timed_out)."
+    );
 }
 
 /// One step attempt finished.
