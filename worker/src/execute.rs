@@ -232,11 +232,14 @@ async fn approval_step(
 
     let span = step_span(run, spec, 1);
     let began = Instant::now();
-    let outcome = blocks
-        .approval
-        .wait(&run.run_id, &run.tenant_id, spec, input, requested_at)
-        .instrument(span.clone())
-        .await;
+    // Waiting costs nothing: the worker's slot goes to other runs meanwhile.
+    let outcome = wire::jetstream::without_slot(
+        blocks
+            .approval
+            .wait(&run.run_id, &run.tenant_id, spec, input, requested_at)
+            .instrument(span.clone()),
+    )
+    .await;
     finish_attempt(&span, &outcome, step_type, run, began.elapsed());
     let (result, timed_out) = result(spec, outcome, 1, requested_at);
     if result.status == StepStatus::Succeeded {

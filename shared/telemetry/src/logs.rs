@@ -169,7 +169,8 @@ where
 fn sanitize_value(sanitizer: &crate::sanitize::Sanitizer, key: &str, value: &mut Value) {
     let text = match value {
         Value::String(text) => text.clone(),
-        Value::Number(n) => n.to_string(),
+        // Only whole numbers can be card numbers.
+        Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
         _ => return,
     };
     let clean = if key == "message" {

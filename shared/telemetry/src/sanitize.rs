@@ -84,7 +84,8 @@ impl Sanitizer {
                 r#"(?i)((?:[A-Za-z0-9_.-]*(?:{name_alternation})[A-Za-z0-9_.-]*)"?\s*[=:]\s*"?)([^\s&,;"'}}]+)"#
             ))?,
             email: compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")?,
-            digits: compile(r"\b\d(?:[ -]?\d){12,18}\b")?,
+            // Not after a digit or `.`: the fraction of a float is no card.
+            digits: compile(r"(^|[^0-9.])(\d(?:[ -]?\d){12,18})\b")?,
             names,
             custom,
         })
@@ -162,7 +163,7 @@ impl Sanitizer {
         apply(&self.bearer, &|c| format!("{} {REDACTED}", &c[1]));
         apply(&self.pairs, &|c| format!("{}{REDACTED}", &c[1]));
         apply(&self.email, &|_| "[REDACTED:email]".to_owned());
-        apply(&self.digits, &|c| mask_card(&c[0]));
+        apply(&self.digits, &|c| format!("{}{}", &c[1], mask_card(&c[2])));
         for custom in &self.custom {
             apply(custom, &|_| REDACTED.to_owned());
         }
@@ -294,6 +295,12 @@ mod tests {
         );
         // Not Luhn-valid: an order number stays.
         assert_eq!(s.scrub("order 1234567890123"), "order 1234567890123");
+        // Digits after a decimal point are no card number.
+        assert_eq!(
+            s.scrub("took 3.5634040000000002 ms"),
+            "took 3.5634040000000002 ms"
+        );
+        assert_eq!(s.scrub("4111111111111111"), "[REDACTED:card ****1111]");
     }
 
     #[test]

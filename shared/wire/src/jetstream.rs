@@ -196,6 +196,35 @@ pub async fn publish(
     })
 }
 
+/// The concurrency slot a handler holds while it runs.
+#[derive(Clone)]
+struct Slot {
+    semaphore: std::sync::Arc<tokio::sync::Semaphore>,
+    permit: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+}
+
+tokio::task_local! {
+    static SLOT: Slot;
+}
+
+/// Runs `wait` without holding the handler's concurrency slot, then takes a
+/// slot again. For long waits that use no resources (an approval): the
+/// message stays in flight (in-progress acks go on) while other messages
+/// use the slot. Outside a consume loop it just runs `wait`.
+pub async fn without_slot<F: std::future::Future>(wait: F) -> F::Output {
+    let slot = SLOT.try_with(Slot::clone).ok();
+    if let Some(slot) = &slot {
+        slot.permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+    let output = wait.await;
+    if let Some(slot) = slot
+        && let Ok(permit) = slot.semaphore.clone().acquire_owned().await
+    {
+        *slot.permit.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
+    }
+    output
+}
+
 /// What to tell JetStream once a message has been handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
@@ -253,10 +282,9 @@ where
     let mut running = tokio::task::JoinSet::new();
 
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => permit?,
-        };
+        // The message first, then a slot: a handler taking its slot back
+        // after `without_slot` queues ahead of the next message (the
+        // semaphore is fair), and the prefetch stays bounded by the batch size.
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
             next = messages.next() => next,
@@ -273,12 +301,24 @@ where
             }
             Some(Ok(message)) => message,
         };
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => {
+                // Not started: hand it back at once rather than after ack_wait.
+                let _ = message.ack_with(js::AckKind::Nak(None)).await;
+                break;
+            }
+            permit = permits.clone().acquire_owned() => permit?,
+        };
         let handler = handler.clone();
         let options = options.clone();
         let interrupt = interrupt.clone();
+        let slot = Slot {
+            semaphore: permits.clone(),
+            permit: std::sync::Arc::new(std::sync::Mutex::new(Some(permit))),
+        };
         running.spawn(async move {
-            handle_one(message, &options, handler, interrupt).await;
-            drop(permit);
+            SLOT.scope(slot, handle_one(message, &options, handler, interrupt))
+                .await;
         });
     }
     if let Some(drain) = options.drain {

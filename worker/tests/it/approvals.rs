@@ -141,3 +141,21 @@ async fn a_waiting_approval_survives_a_worker_restart() {
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["steps"][0]["attempts"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_approval_does_not_hold_a_worker_slot() {
+    let stack = stack_with(&[("WORKER_CONCURRENCY", "1")]).await;
+    let waiting = submit_awaiting(&stack, 600).await;
+    // With one slot, a second run still goes through while the first waits.
+    let accepted = stack.submit_ok(&testkit::stack::sample_run()).await;
+    let other = accepted["run_id"].as_str().expect("run_id");
+    let run = stack.wait_terminal(other, Duration::from_secs(15)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // And the waiting run resumes when approved.
+    let response = stack
+        .decide(DEMO_KEY, &waiting, "gate", "approve", None)
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let run = stack.wait_terminal(&waiting, Duration::from_secs(15)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+}
