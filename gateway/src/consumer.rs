@@ -21,12 +21,7 @@ pub async fn handle(store: Store, waiters: Arc<Waiters>, message: Message) -> Di
     let event = match RunEvent::decode(&message.payload) {
         Ok(event) => event,
         Err(err) => {
-            telemetry::spans::record_error(&span, "decode_failed", &err.to_string());
-            ComponentError {
-                code: "decode_failed",
-                message: &err,
-            }
-            .emit();
+            err.report();
             return Disposition::Reject;
         }
     };

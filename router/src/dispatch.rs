@@ -37,12 +37,7 @@ impl Dispatcher {
         let run = match RunSubmitted::decode(&message.payload) {
             Ok(run) => run,
             Err(err) => {
-                telemetry::spans::record_error(&span, "decode_failed", &err.to_string());
-                ComponentError {
-                    code: "decode_failed",
-                    message: &err,
-                }
-                .emit();
+                err.report();
                 return Disposition::Reject;
             }
         };

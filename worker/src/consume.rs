@@ -43,12 +43,7 @@ impl Executor {
         let item = match WorkItem::decode(message.subject.as_str(), &message.payload) {
             Ok(item) => item,
             Err(err) => {
-                telemetry::spans::record_error(&span, "decode_failed", &err.to_string());
-                ComponentError {
-                    code: "decode_failed",
-                    message: &err,
-                }
-                .emit();
+                err.report();
                 // Kept for inspection, never retried.
                 return match self.dead_letter(&message, "decode_failed", None).await {
                     Ok(()) => Disposition::Reject,

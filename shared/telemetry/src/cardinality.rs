@@ -51,7 +51,14 @@ pub struct CardinalityLimits {
 struct State {
     tenants: HashSet<String>,
     series: HashMap<String, HashSet<Vec<Label>>>,
+    /// Keys already admitted, as recorded: the same few label sets repeat on
+    /// every call, and an admitted key's verdict never changes (tenants and
+    /// series are only ever added), so it is computed once.
+    admitted: HashMap<Key, Key>,
 }
+
+/// Most admitted keys remembered (beyond that, keys are guarded on every call).
+const ADMITTED_CACHE: usize = 50_000;
 
 pub struct GuardedRecorder<R> {
     inner: R,
@@ -72,6 +79,9 @@ impl<R: Recorder> GuardedRecorder<R> {
     fn guard(&self, key: &Key, metadata: &Metadata<'_>) -> Key {
         let sanitizer = crate::sanitize::global();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(admitted) = state.admitted.get(key) {
+            return admitted.clone();
+        }
         let mut labels: Vec<Label> = Vec::with_capacity(key.labels().len());
         for label in key.labels() {
             if FORBIDDEN_LABELS.contains(&label.key()) {
@@ -87,7 +97,11 @@ impl<R: Recorder> GuardedRecorder<R> {
         let series = state.series.entry(metric.clone()).or_default();
         if series.contains(&labels) || series.len() < self.limits.max_series_per_metric {
             series.insert(labels.clone());
-            return Key::from_parts(key.name().to_owned(), labels);
+            let guarded = Key::from_parts(key.name().to_owned(), labels);
+            if state.admitted.len() < ADMITTED_CACHE {
+                state.admitted.insert(key.clone(), guarded.clone());
+            }
+            return guarded;
         }
         drop(state);
         self.inner

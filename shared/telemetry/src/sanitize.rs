@@ -47,6 +47,9 @@ pub struct Sanitizer {
     email: Regex,
     digits: Regex,
     custom: Vec<Regex>,
+    /// Every pattern above in one automaton: one pass says whether a value
+    /// needs any replacement at all (most values do not).
+    screen: regex::RegexSet,
 }
 
 impl Sanitizer {
@@ -69,7 +72,7 @@ impl Sanitizer {
             .collect::<Vec<_>>()
             .join("|");
         let compile = |re: &str| Regex::new(re).map_err(|e| e.to_string());
-        Ok(Self {
+        let mut sanitizer = Self {
             bearer: compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{6,}")?,
             key_shapes: compile(concat!(
                 r"\bAKIA[0-9A-Z]{16}\b",
@@ -88,7 +91,21 @@ impl Sanitizer {
             digits: compile(r"(^|[^0-9.])(\d(?:[ -]?\d){12,18})\b")?,
             names,
             custom,
-        })
+            screen: regex::RegexSet::empty(),
+        };
+        let patterns = [
+            &sanitizer.bearer,
+            &sanitizer.key_shapes,
+            &sanitizer.pairs,
+            &sanitizer.email,
+            &sanitizer.digits,
+        ]
+        .into_iter()
+        .chain(sanitizer.custom.iter())
+        .map(Regex::as_str)
+        .collect::<Vec<_>>();
+        sanitizer.screen = regex::RegexSet::new(patterns).map_err(|e| e.to_string())?;
+        Ok(sanitizer)
     }
 
     /// Whether a field/header/key name is sensitive.
@@ -152,6 +169,9 @@ impl Sanitizer {
     }
 
     fn scrub_text<'a>(&self, value: &'a str) -> Cow<'a, str> {
+        if !self.screen.is_match(value) {
+            return Cow::Borrowed(value);
+        }
         let mut out = Cow::Borrowed(value);
         let mut apply = |re: &Regex, replace: &dyn Fn(&Captures) -> String| {
             if re.is_match(&out) {

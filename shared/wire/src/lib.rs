@@ -32,6 +32,23 @@ pub struct DecodeError {
     pub source: serde_json::Error,
 }
 
+impl DecodeError {
+    /// Marks the current span failed and counts a `decode_failed` component
+    /// error: a payload that does not decode never will, so it is not retried.
+    pub fn report(&self) {
+        telemetry::spans::record_error(
+            &tracing::Span::current(),
+            "decode_failed",
+            &self.to_string(),
+        );
+        telemetry::events::ComponentError {
+            code: "decode_failed",
+            message: self,
+        }
+        .emit();
+    }
+}
+
 /// Payload encoding shared by every message type (JSON).
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> bytes::Bytes {
     // Serializing these plain structs to JSON cannot fail (no maps with
