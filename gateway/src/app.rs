@@ -124,7 +124,10 @@ impl App {
             ConsumeOptions {
                 group: consumer::DURABLE.to_owned(),
                 context_mode: self.context_mode,
-                concurrency: 1,
+                // Events of one run may be applied out of order: the store
+                // only moves a run forward, so order does not matter, and
+                // overlapping store writes and acks keeps up with the workers.
+                concurrency: self.state.config.events_concurrency,
                 progress_every: None,
                 drain: None,
             },

@@ -25,6 +25,8 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// Redelivery delay of `runs.events` messages that were not acked.
     pub events_ack_wait: Duration,
+    /// `runs.events` messages applied at once.
+    pub events_concurrency: usize,
     pub rate_limits: Limits,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: Duration,
@@ -106,6 +108,16 @@ impl Config {
                 "GATEWAY_EVENTS_ACK_WAIT_SECS",
                 30,
             )?),
+            events_concurrency: match env::parse_or("GATEWAY_EVENTS_CONCURRENCY", 16usize)? {
+                0 => {
+                    return Err(EnvError::new(
+                        "GATEWAY_EVENTS_CONCURRENCY",
+                        "0",
+                        "must be at least 1",
+                    ));
+                }
+                n => n,
+            },
             rate_limits,
             idempotency_ttl: Duration::from_secs(env::parse_or(
                 "GATEWAY_IDEMPOTENCY_TTL_SECS",
