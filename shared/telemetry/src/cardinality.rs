@@ -163,6 +163,18 @@ mod tests {
     use super::*;
     use metrics_exporter_prometheus::PrometheusBuilder;
 
+    /// A guard over a local (not global) Prometheus recorder, and its handle.
+    fn guarded(
+        limits: CardinalityLimits,
+    ) -> (
+        GuardedRecorder<metrics_exporter_prometheus::PrometheusRecorder>,
+        metrics_exporter_prometheus::PrometheusHandle,
+    ) {
+        let prometheus = PrometheusBuilder::new().build_recorder();
+        let handle = prometheus.handle();
+        (GuardedRecorder::new(prometheus, limits), handle)
+    }
+
     fn series(body: &str, metric: &str) -> Vec<String> {
         body.lines()
             .filter(|l| {
@@ -174,16 +186,11 @@ mod tests {
 
     #[test]
     fn ten_thousand_tenants_stay_bounded() {
-        let prometheus = PrometheusBuilder::new().build_recorder();
-        let handle = prometheus.handle();
-        let guarded = GuardedRecorder::new(
-            prometheus,
-            CardinalityLimits {
-                known_tenants: vec![],
-                tenant_limit: 20,
-                max_series_per_metric: 1_000,
-            },
-        );
+        let (guarded, handle) = guarded(CardinalityLimits {
+            known_tenants: vec![],
+            tenant_limit: 20,
+            max_series_per_metric: 1_000,
+        });
         metrics::with_local_recorder(&guarded, || {
             for i in 0..10_000 {
                 metrics::counter!("runs_total", "tenant_id" => format!("tenant-{i}"), "status" => "ok").increment(1);
@@ -201,16 +208,11 @@ mod tests {
 
     #[test]
     fn known_tenants_are_kept_and_the_rest_is_other() {
-        let prometheus = PrometheusBuilder::new().build_recorder();
-        let handle = prometheus.handle();
-        let guarded = GuardedRecorder::new(
-            prometheus,
-            CardinalityLimits {
-                known_tenants: vec!["demo".into()],
-                tenant_limit: 50,
-                max_series_per_metric: 100,
-            },
-        );
+        let (guarded, handle) = guarded(CardinalityLimits {
+            known_tenants: vec!["demo".into()],
+            tenant_limit: 50,
+            max_series_per_metric: 100,
+        });
         metrics::with_local_recorder(&guarded, || {
             for tenant in ["demo", "acme", "zeta"] {
                 metrics::counter!("x_total", "tenant_id" => tenant).increment(1);
@@ -223,16 +225,11 @@ mod tests {
 
     #[test]
     fn a_full_metric_folds_into_an_overflow_series_and_counts_it() {
-        let prometheus = PrometheusBuilder::new().build_recorder();
-        let handle = prometheus.handle();
-        let guarded = GuardedRecorder::new(
-            prometheus,
-            CardinalityLimits {
-                known_tenants: vec![],
-                tenant_limit: 10,
-                max_series_per_metric: 5,
-            },
-        );
+        let (guarded, handle) = guarded(CardinalityLimits {
+            known_tenants: vec![],
+            tenant_limit: 10,
+            max_series_per_metric: 5,
+        });
         metrics::with_local_recorder(&guarded, || {
             for i in 0..1_000 {
                 metrics::counter!("by_provider_total", "provider" => format!("p{i}")).increment(1);
@@ -252,16 +249,11 @@ mod tests {
 
     #[test]
     fn forbidden_labels_are_dropped_and_values_sanitized() {
-        let prometheus = PrometheusBuilder::new().build_recorder();
-        let handle = prometheus.handle();
-        let guarded = GuardedRecorder::new(
-            prometheus,
-            CardinalityLimits {
-                known_tenants: vec![],
-                tenant_limit: 10,
-                max_series_per_metric: 10,
-            },
-        );
+        let (guarded, handle) = guarded(CardinalityLimits {
+            known_tenants: vec![],
+            tenant_limit: 10,
+            max_series_per_metric: 10,
+        });
         metrics::with_local_recorder(&guarded, || {
             metrics::counter!("y_total", "run_id" => "r-1", "step_id" => "s", "reason" => "mail bob@example.com").increment(1);
         });
