@@ -1,9 +1,13 @@
 //! Regression tests for the security review (issue 11), each named for the
 //! attack it replays.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use testkit::service::ServiceProcess;
 use testkit::stack::{Component, Stack};
 
 /// Step ids become tokens of JetStream KV keys (`<run_id>.<step_id>`) and
@@ -24,5 +28,32 @@ async fn step_ids_with_empty_dot_tokens_are_refused_at_submit() {
         assert_eq!(body["error"]["code"], "invalid_field", "{id:?}: {body}");
         let message = body["error"]["message"].as_str().expect("message");
         assert!(message.contains("steps[0].id"), "{id:?}: {message}");
+    }
+}
+
+/// `METRICS_AUTH_TOKEN=` (or blank) used to switch the bearer check off
+/// silently, leaving `/metrics` open while the operator believed it guarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_metrics_token_is_refused_at_start() {
+    for binary in ["gateway", "router", "worker"] {
+        for blank in ["", "   "] {
+            let env = HashMap::from([("METRICS_AUTH_TOKEN".to_owned(), blank.to_owned())]);
+            let mut process = ServiceProcess::spawn(binary, &env);
+            let status = process
+                .wait_exit(Duration::from_secs(10))
+                .await
+                .expect("exits");
+            assert_eq!(
+                status.code(),
+                Some(2),
+                "{binary} with METRICS_AUTH_TOKEN={blank:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let stderr = process.stderr();
+            assert!(
+                stderr.iter().any(|l| l.contains("METRICS_AUTH_TOKEN")),
+                "{binary}: {stderr:?}"
+            );
+        }
     }
 }

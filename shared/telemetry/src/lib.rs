@@ -143,7 +143,7 @@ impl Settings {
                     patterns
                 }
             },
-            metrics_auth_token: env::raw("METRICS_AUTH_TOKEN"),
+            metrics_auth_token: metrics_auth_token()?,
             cardinality: cardinality::CardinalityLimits {
                 known_tenants: env::raw("TELEMETRY_KNOWN_TENANTS")
                     .map(|v| {
@@ -157,6 +157,25 @@ impl Settings {
                 max_series_per_metric: env::parse_or("TELEMETRY_MAX_SERIES_PER_METRIC", 1_000)?,
             },
         })
+    }
+}
+
+/// `METRICS_AUTH_TOKEN`: unset means `/metrics` is open; set but blank is
+/// refused, since it would silently leave `/metrics` open to an operator who
+/// meant to protect it.
+fn metrics_auth_token() -> Result<Option<String>, EnvError> {
+    const VAR: &str = "METRICS_AUTH_TOKEN";
+    match std::env::var(VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(EnvError::new(VAR, "<not UTF-8>", "must be printable text"))
+        }
+        Ok(token) if token.trim().is_empty() => Err(EnvError::new(
+            VAR,
+            &token,
+            "is blank; set a token, or unset the variable to serve /metrics without one",
+        )),
+        Ok(token) => Ok(Some(token)),
     }
 }
 
