@@ -57,3 +57,53 @@ async fn a_blank_metrics_token_is_refused_at_start() {
         }
     }
 }
+
+/// 400 idle or slow-header connections used to stay open indefinitely, on
+/// the API and on the admin port alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_header_connections_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stack = Stack::new().await;
+    stack
+        .extra_env
+        .insert("HTTP_HEADER_TIMEOUT_MS".into(), "500".into());
+    stack.start(Component::Gateway).await;
+    let ports = [stack.ports.api, stack.ports.gateway_admin];
+    let mut held = Vec::new();
+    for port in ports {
+        for i in 0..100 {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            if i % 2 == 1 {
+                // Half send the start of a request and never finish it.
+                let _ = stream
+                    .write_all(b"POST /v1/runs HTTP/1.1\r\nHost: x\r\n")
+                    .await;
+            }
+            held.push((port, stream));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (port, stream) in &mut held {
+        let mut buf = [0_u8; 512];
+        let closed = tokio::time::timeout_at(deadline, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a connection to port {port} stayed open");
+    }
+    // And the gateway still serves.
+    let response = stack
+        .http
+        .get(stack.url("/openapi.json"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+}
