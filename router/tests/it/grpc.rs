@@ -543,3 +543,69 @@ async fn dry_runs_move_no_breaker_count_nothing_and_take_no_tenant_label() {
     }
     assert!(!after_dry_runs.contains("invented-"), "{after_dry_runs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decide_span_carries_the_real_status() {
+    let mut stack = Stack::new().await;
+    stack.start(Component::Router).await;
+    let channel = tonic::transport::Endpoint::from_shared(decide_endpoint(&stack))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let bearer = format!("Bearer {}", testkit::stack::ROUTER_GRPC_TOKEN);
+
+    // The caller's mistake: INVALID_ARGUMENT, span status left unset.
+    let invalid = "30000000000000000000000000000001";
+    let status = RouterClient::new(channel.clone())
+        .decide(call_with(
+            request("demo", "nope", None),
+            Some(&bearer),
+            invalid,
+        ))
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    // A method the server does not have: UNIMPLEMENTED, a server-side code.
+    let unknown = "30000000000000000000000000000002";
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let status = grpc
+        .unary::<_, router::grpc::DecideResponse, _>(
+            call_with(
+                request("demo", r#"[{"id":"a","type":"noop"}]"#, None),
+                Some(&bearer),
+                unknown,
+            ),
+            http::uri::PathAndQuery::from_static("/beamline.router.v1.Router/Nope"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("unknown method");
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+
+    let spans = trace_where(&stack, invalid, |spans| !spans.is_empty()).await;
+    let server = named(&spans, "beamline.router.v1.Router/Decide")[0];
+    assert_eq!(
+        server.attr("rpc.response.status_code"),
+        Some("INVALID_ARGUMENT")
+    );
+    assert_eq!(server.status_code, 0, "unset: {server:?}");
+    assert_eq!(server.attr("error.type"), None);
+
+    let spans = trace_where(&stack, unknown, |spans| !spans.is_empty()).await;
+    let server = named(&spans, "_OTHER")[0];
+    assert_eq!(server.kind, "server");
+    assert_eq!(server.attr("rpc.method"), Some("_OTHER"));
+    assert_eq!(
+        server.attr("rpc.method_original"),
+        Some("beamline.router.v1.Router/Nope")
+    );
+    assert_eq!(
+        server.attr("rpc.response.status_code"),
+        Some("UNIMPLEMENTED")
+    );
+    assert_eq!(server.status_code, 2, "ERROR: {server:?}");
+    assert_eq!(server.attr("error.type"), Some("UNIMPLEMENTED"));
+}
