@@ -42,8 +42,9 @@ impl App {
             .with_context(|| format!("binding ROUTER_GRPC_ADDR {}", config.grpc_addr))?;
         let nats = wire::jetstream::connect(&config.nats_url, "router").await?;
         // Every accepted `Decide` request must fit in an extension request.
+        // (0: the server has not said; the invoker checks each request too.)
         let max_payload = nats.server_info().max_payload;
-        if config.grpc_max_request_bytes >= max_payload {
+        if max_payload > 0 && config.grpc_max_request_bytes >= max_payload {
             anyhow::bail!(
                 "ROUTER_GRPC_MAX_REQUEST_BYTES={} must be below the NATS server's max_payload ({max_payload} bytes)",
                 config.grpc_max_request_bytes

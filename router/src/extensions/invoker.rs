@@ -255,13 +255,14 @@ impl Invoker {
             response,
             elapsed: Duration::ZERO,
         };
+        // 0 until the server's INFO arrived: then the publish itself decides.
         let max_payload = self.nats.server_info().max_payload;
-        if request.len() > max_payload {
+        if max_payload > 0 && request.len() > max_payload {
             span.add_event(
                 "extension.request_too_large",
                 vec![
                     KeyValue::new("messaging.message.body.size", request.len() as i64),
-                    KeyValue::new("nats.max_payload", max_payload as i64),
+                    KeyValue::new("messaging.nats.max_payload", max_payload as i64),
                 ],
             );
             return outcome(Status::RequestTooLarge, 0, None);
