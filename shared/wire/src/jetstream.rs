@@ -4,6 +4,7 @@
 //! Streams and consumers are created idempotently by whoever starts first, so
 //! services can start in any order and any number of replicas share work.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
@@ -397,6 +398,9 @@ where
     let mut heard = tokio::time::Instant::now();
     // Logged once per outage, not once per pull.
     let mut lost_logged = false;
+    let mut refused_logged = false;
+    // Messages received and waiting for a slot.
+    let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     loop {
         // Reap finished handlers so the set does not grow.
@@ -413,15 +417,20 @@ where
                 match delivery.status {
                     None | Some(StatusCode::OK) => {
                         open = open.saturating_sub(1);
+                        refused_logged = false;
                         let message = js::Message {
                             message: delivery,
                             context: durable.context.clone(),
                         };
+                        waiting.fetch_add(1, Ordering::SeqCst);
                         running.spawn(handle_one(
                             message,
                             options.clone(),
                             handler.clone(),
-                            permits.clone(),
+                            Waiting {
+                                permits: permits.clone(),
+                                waiting: waiting.clone(),
+                            },
                             shutdown.clone(),
                             interrupt.clone(),
                         ));
@@ -436,39 +445,41 @@ where
                             anyhow::bail!("consumer {} was deleted", options.group);
                         }
                         // A leadership change, a limit, no JetStream: the
-                        // pull is over; pull again after a pause.
-                        tracing::warn!(
-                            consumer = %options.group,
-                            status = status.as_u16(),
-                            description,
-                            "pull ended by the server; pulling again"
-                        );
+                        // pull is over; pull again after a pause. Logged
+                        // once until messages flow again.
+                        if !refused_logged {
+                            tracing::warn!(
+                                consumer = %options.group,
+                                status = status.as_u16(),
+                                description,
+                                "pull ended by the server; pulling again"
+                            );
+                            refused_logged = true;
+                        }
                         tokio::time::sleep(PULL_BACKOFF).await;
                     }
                 }
             }
-            permit = permits.clone().acquire_owned(), if open == 0 => {
+            permit = permits.clone().acquire_owned(), if open == 0 && waiting.load(Ordering::SeqCst) == 0 => {
                 // A free slot and no pull open: ask for every free slot.
                 let batch = permits.available_permits() + 1;
                 drop(permit?);
-                if client.connection_state() != async_nats::connection::State::Connected {
-                    // A pull sent now would be buffered and sent, stale,
-                    // after the reconnect.
-                    tokio::time::sleep(PULL_BACKOFF).await;
-                    continue;
+                if send_pull(&client, &next, &inbox, batch, &options.group).await {
+                    open = batch;
+                    heard = tokio::time::Instant::now();
                 }
-                match client
-                    .publish_with_reply(next.clone(), inbox.clone(), pull_request(batch))
-                    .await
+            }
+            _ = tokio::time::sleep(PULL_BACKOFF), if open == 0 => {
+                // Every slot taken: one pull for a single message stays
+                // open anyway, so the consumer shows a waiting pull (the
+                // router's liveness check) and the next message is here
+                // when a slot frees. At most one message waits like that.
+                if waiting.load(Ordering::SeqCst) == 0
+                    && permits.available_permits() == 0
+                    && send_pull(&client, &next, &inbox, 1, &options.group).await
                 {
-                    Ok(()) => {
-                        open = batch;
-                        heard = tokio::time::Instant::now();
-                    }
-                    Err(err) => {
-                        tracing::warn!(consumer = %options.group, error = %err, "cannot send a pull");
-                        tokio::time::sleep(PULL_BACKOFF).await;
-                    }
+                    open = 1;
+                    heard = tokio::time::Instant::now();
                 }
             }
             _ = tokio::time::sleep_until(heard + PULL_LOST_AFTER), if open > 0 => {
@@ -518,6 +529,41 @@ where
     Ok(())
 }
 
+/// Sends a pull request for `batch` messages; `false` when none was sent.
+async fn send_pull(
+    client: &async_nats::Client,
+    next: &str,
+    inbox: &str,
+    batch: usize,
+    group: &str,
+) -> bool {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        // A pull sent now would be buffered and sent, stale, after the
+        // reconnect.
+        tokio::time::sleep(PULL_BACKOFF).await;
+        return false;
+    }
+    match client
+        .publish_with_reply(next.to_owned(), inbox.to_owned(), pull_request(batch))
+        .await
+    {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(consumer = group, error = %err, "cannot send a pull");
+            tokio::time::sleep(PULL_BACKOFF).await;
+            false
+        }
+    }
+}
+
+/// Where a received message waits for its slot.
+struct Waiting {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Messages waiting for a slot (the consume loop pulls no more while
+    /// one does).
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// The body of a pull request for `batch` messages.
 fn pull_request(batch: usize) -> bytes::Bytes {
     serde_json::json!({
@@ -543,7 +589,7 @@ async fn handle_one<H, Fut>(
     message: js::Message,
     options: std::sync::Arc<ConsumeOptions>,
     handler: H,
-    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    slots: Waiting,
     shutdown: tokio_util::sync::CancellationToken,
     interrupt: tokio_util::sync::CancellationToken,
 ) where
@@ -556,11 +602,14 @@ async fn handle_one<H, Fut>(
         // after `without_slot` queues ahead of it (the semaphore is fair).
         let permit = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return None,
-            permit = permits.clone().acquire_owned() => permit.ok()?,
+            _ = shutdown.cancelled() => None,
+            permit = slots.permits.clone().acquire_owned() => permit.ok(),
         };
+        slots.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Never started: handed back below.
+        let permit = permit?;
         let slot = Slot {
-            semaphore: permits.clone(),
+            semaphore: slots.permits.clone(),
             permit: std::sync::Arc::new(std::sync::Mutex::new(Some(permit))),
         };
         Some(

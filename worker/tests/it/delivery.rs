@@ -314,3 +314,48 @@ async fn readiness_follows_jetstream_not_just_the_connection() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pull_is_kept_alive_by_heartbeats_and_replaced_after_a_restart() {
+    let mut stack = stack_with(&[]).await;
+    // Longer than the pull's expiry (5 s) and its lost-after (3 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let worker = stack.process(Component::Worker);
+    let lost: Vec<_> = worker
+        .stdout()
+        .into_iter()
+        .filter(|l| l.contains("pull lost"))
+        .collect();
+    assert!(lost.is_empty(), "heartbeats did not arrive: {lost:#?}");
+    let client = async_nats::connect(stack.nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let info = js
+        .get_stream("BEAMLINE_WORK")
+        .await
+        .expect("work stream")
+        .consumer_info("worker-default")
+        .await
+        .expect("consumer info");
+    assert!(info.num_waiting > 0, "no pull open: {info:?}");
+    assert_eq!(info.config.max_ack_pending, 8 * 128);
+
+    // The broker restarts: its pulls are gone; a new one is sent soon.
+    stack.nats.restart().await;
+    let began = Instant::now();
+    testkit::eventually(Duration::from_secs(15), "a pull open again", || async {
+        let client = async_nats::connect(stack.nats.url()).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let info = js
+            .get_stream("BEAMLINE_WORK")
+            .await
+            .ok()?
+            .consumer_info("worker-default")
+            .await
+            .ok()?;
+        (info.num_waiting > 0).then_some(())
+    })
+    .await;
+    eprintln!("pull open again {:?} after the restart", began.elapsed());
+    let run = crate::support::run_to_end(&stack, json!([{"id": "a", "type": "noop"}])).await;
+    assert_eq!(run.2["status"], "succeeded", "{}", run.2);
+}
