@@ -128,16 +128,20 @@ impl App {
             "worker started"
         );
 
-        // A consume loop that ends before shutdown (its consumer was
-        // deleted) ends the process: a worker that pulls nothing must not
-        // look alive.
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            Some(done) = tasks.join_next() => {
-                shutdown.cancel();
-                self.health.set_stopping();
-                done??;
-                anyhow::bail!("a worker task ended before shutdown");
+        // A task that fails before shutdown (a consume loop whose consumer
+        // was deleted) ends the process: a worker that pulls nothing must
+        // not look alive. Tasks may end early without error (extensions
+        // disabled).
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(done) = tasks.join_next() => {
+                    if let Err(err) = done.map_err(anyhow::Error::from).and_then(|ended| ended) {
+                        shutdown.cancel();
+                        self.health.set_stopping();
+                        return Err(err.context("a worker task failed"));
+                    }
+                }
             }
         }
         self.health.set_stopping();

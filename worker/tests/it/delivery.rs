@@ -359,3 +359,28 @@ async fn an_idle_pull_is_kept_alive_by_heartbeats_and_replaced_after_a_restart()
     let run = crate::support::run_to_end(&stack, json!([{"id": "a", "type": "noop"}])).await;
     assert_eq!(run.2["status"], "succeeded", "{}", run.2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_extensions_are_off_keeps_serving() {
+    let mut stack = front_only().await;
+    let port = stack.ports.worker_admin;
+    stack.worker = Some(
+        spawn_worker(
+            &stack,
+            port,
+            &[("WORKER_EXTENSIONS_ENABLED", Some("false"))],
+        )
+        .await,
+    );
+    // A task that ends without error is no reason to stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, _, run) =
+        crate::support::run_to_end(&stack, json!([{"id": "a", "type": "noop"}])).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let worker = stack.worker.as_mut().expect("worker");
+    assert!(
+        worker.wait_exit(Duration::from_millis(100)).await.is_none(),
+        "the worker exited: {:?}",
+        worker.stderr()
+    );
+}
