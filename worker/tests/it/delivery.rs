@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use testkit::stack::{Component, Stack};
 
-use crate::support::{
-    AckCutter, nats_pid, signal, spans_named, spawn_worker, stack_with, work_consumer,
-};
+use crate::support::{AckCutter, spans_named, spawn_worker, stack_with, work_consumer};
 
 /// A stack with the gateway and the router only.
 async fn front_only() -> Stack {
@@ -284,8 +282,7 @@ async fn readiness_follows_jetstream_not_just_the_connection() {
     all_become(&stack, true, Duration::from_secs(5), "ready").await;
 
     // A stalled broker: connections stay up, JetStream does not answer.
-    let pid = nats_pid(stack.nats.port);
-    signal(pid, "STOP");
+    stack.nats.pause();
     let began = Instant::now();
     all_become(
         &stack,
@@ -296,7 +293,7 @@ async fn readiness_follows_jetstream_not_just_the_connection() {
     .await;
     let noticed = began.elapsed();
     eprintln!("all three not ready {noticed:?} after SIGSTOP");
-    signal(pid, "CONT");
+    stack.nats.resume();
     assert!(noticed < Duration::from_secs(8), "{noticed:?}");
     all_become(&stack, true, Duration::from_secs(10), "ready after SIGCONT").await;
 

@@ -65,43 +65,6 @@ pub async fn spawn_worker(
     worker
 }
 
-/// The pid of the test's own nats-server (the one listening on `port`),
-/// found in /proc so the test can SIGSTOP/SIGCONT it.
-pub fn nats_pid(port: u16) -> u32 {
-    let port = port.to_string();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_nats = args.first().is_some_and(|a| a.ends_with(b"nats-server"));
-        if is_nats
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
-        {
-            return pid;
-        }
-    }
-    panic!("no nats-server process listens on port {port}")
-}
-
-/// Sends `signal` (`STOP`, `CONT`, `TERM`, …) to `pid`.
-pub fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{signal} {pid}: {status}");
-}
-
 /// A TCP proxy in front of the test's nats-server that cuts the connection
 /// carrying the first acknowledgement (`+ACK`) of a work message, before the
 /// server sees it. Everything else, and every later connection, passes. It
