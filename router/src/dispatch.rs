@@ -38,7 +38,24 @@ impl Dispatcher {
             Ok(run) => run,
             Err(err) => {
                 err.report();
-                return Disposition::Reject;
+                // Never retried; its run (named by the headers) ends `failed`.
+                return match wire::jetstream::report_undecodable(
+                    &self.jetstream,
+                    &message,
+                    &err.to_string(),
+                )
+                .await
+                {
+                    Ok(_) => Disposition::Reject,
+                    Err(err) => {
+                        ComponentError {
+                            code: "publish_failed",
+                            message: &err,
+                        }
+                        .emit();
+                        Disposition::Retry(Duration::from_secs(2))
+                    }
+                };
             }
         };
         span.record("tenant.id", run.tenant_id.as_str());

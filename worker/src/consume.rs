@@ -45,10 +45,26 @@ impl Executor {
             Ok(item) => item,
             Err(err) => {
                 err.report();
-                // Kept for inspection, never retried.
-                return match self.dead_letter(&message, "decode_failed", None).await {
-                    Ok(()) => Disposition::Reject,
-                    Err(disposition) => disposition,
+                // Kept for inspection, never retried; its run ends `failed`.
+                if let Err(disposition) = self.dead_letter(&message, "decode_failed", None).await {
+                    return disposition;
+                }
+                return match wire::jetstream::report_undecodable(
+                    &self.jetstream,
+                    &message,
+                    &err.to_string(),
+                )
+                .await
+                {
+                    Ok(_) => Disposition::Reject,
+                    Err(err) => {
+                        ComponentError {
+                            code: "publish_failed",
+                            message: &err,
+                        }
+                        .emit();
+                        Disposition::Retry(Duration::from_secs(2))
+                    }
                 };
             }
         };

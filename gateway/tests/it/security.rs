@@ -181,3 +181,108 @@ async fn good_keys_do_not_use_the_failure_budget() {
         assert_eq!(response.status(), StatusCode::OK);
     }
 }
+
+/// A step input nested deeper than the services' decoders allow (serde's
+/// recursion limit) was accepted, then could not be decoded downstream: the
+/// run stayed `accepted` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_step_input_is_refused_at_submit() {
+    let mut stack = Stack::new().await;
+    stack.start(Component::Gateway).await;
+    // 100 levels: within the gateway's JSON parser's limit (128), past what
+    // the router and worker could decode inside their envelopes.
+    let mut body = json!("leaf");
+    for _ in 0..100 {
+        body = json!([body]);
+    }
+    let run = json!({
+        "flow_id": "f",
+        "steps": [{"id": "a", "type": "http", "input": {"method": "POST", "url": "http://127.0.0.1:9/x", "body": body}}],
+    });
+    let response = stack.submit(&run).send().await.expect("POST run");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.expect("error body");
+    assert_eq!(body["error"]["code"], "invalid_field", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("steps[0].input")),
+        "{body}"
+    );
+}
+
+/// Publishes `payload` (undecodable) on `subject` with the correlation
+/// headers every hand-off carries, as a buggy or hostile peer could.
+async fn publish_undecodable(stack: &Stack, subject: &str, run_id: &str, tenant: &str) {
+    let client = async_nats::connect(stack.nats.url())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(wire::jetstream::RUN_ID_HEADER, run_id);
+    headers.insert(wire::jetstream::TENANT_ID_HEADER, tenant);
+    js.publish_with_headers(subject.to_owned(), headers, "{\"not\": \"a run\"".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+/// A message the worker cannot decode was dead-lettered with no report: its
+/// run stayed `accepted` for ever. Every dead letter now ends its run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_work_message_ends_its_run() {
+    let mut stack = Stack::new().await;
+    stack.start(Component::Gateway).await;
+    stack.start(Component::Worker).await;
+    // No router: the run stays `accepted` until the forged work message.
+    let accepted = stack
+        .submit_ok(&json!({"flow_id": "f", "steps": [{"id": "a", "type": "noop"}]}))
+        .await;
+    let run_id = accepted["run_id"].as_str().expect("run id");
+    publish_undecodable(&stack, "work.default", run_id, "demo").await;
+    let run = stack.wait_terminal(run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("undecodable")),
+        "{run}"
+    );
+}
+
+/// Likewise for `runs.submitted`: the router used to drop (term) a message
+/// it could not decode, silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_submission_ends_its_run() {
+    let mut stack = Stack::new().await;
+    stack.start(Component::Gateway).await;
+    // No router yet: the real submission waits in the stream.
+    let second = stack
+        .submit_ok(&json!({"flow_id": "f", "steps": [{"id": "a", "type": "noop"}]}))
+        .await;
+    let second_id = second["run_id"].as_str().expect("run id").to_owned();
+    // Replace the real submission: purge the stream, publish junk instead.
+    let client = async_nats::connect(stack.nats.url())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    js.get_stream("BEAMLINE_RUNS")
+        .await
+        .expect("stream")
+        .purge()
+        .await
+        .expect("purge");
+    publish_undecodable(&stack, "runs.submitted", &second_id, "demo").await;
+    stack.start(Component::Router).await;
+    let run = stack
+        .wait_terminal(&second_id, Duration::from_secs(20))
+        .await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("undecodable")),
+        "{run}"
+    );
+}

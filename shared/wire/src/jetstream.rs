@@ -247,6 +247,58 @@ pub struct Outgoing<'a> {
     pub run_id: &'a str,
 }
 
+/// Headers every hand-off carries besides the trace context, so a consumer
+/// that cannot decode a payload still knows whose run it was and can end it.
+pub const RUN_ID_HEADER: &str = "Beamline-Run-Id";
+pub const TENANT_ID_HEADER: &str = "Beamline-Tenant-Id";
+
+/// The run and tenant a message's headers name, when both are valid ids.
+pub fn correlation(
+    headers: Option<&async_nats::HeaderMap>,
+) -> Option<(crate::ids::RunId, crate::ids::TenantId)> {
+    let headers = headers?;
+    let run = crate::ids::RunId::parse(headers.get(RUN_ID_HEADER)?.as_str()).ok()?;
+    let tenant = crate::ids::TenantId::parse(headers.get(TENANT_ID_HEADER)?.as_str()).ok()?;
+    Some((run, tenant))
+}
+
+/// Ends the run of a message that cannot be decoded: reports it `failed`
+/// with `reason` on `runs.events` when the headers say whose run it is.
+/// `Ok(false)`: the message names no run (nothing to end).
+pub async fn report_undecodable(
+    js: &Context,
+    message: &js::Message,
+    reason: &str,
+) -> Result<bool, PublishError> {
+    let Some((run_id, tenant_id)) = correlation(message.headers.as_ref()) else {
+        return Ok(false);
+    };
+    let event = crate::events::RunEvent {
+        run_id,
+        tenant_id,
+        status: crate::run::RunStatus::Failed,
+        provider: None,
+        steps: Vec::new(),
+        error: Some(format!(
+            "undecodable message on {}: {reason}",
+            message.subject
+        )),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    publish(
+        js,
+        Outgoing {
+            subject: crate::events::SUBJECT,
+            message_id: &event.message_id(),
+            payload: event.encode(),
+            tenant_id: event.tenant_id.as_str(),
+            run_id: event.run_id.as_str(),
+        },
+    )
+    .await
+    .map(|_| true)
+}
+
 /// Publishes inside a `send <subject>` PRODUCER span whose context travels in
 /// the headers, and waits for the stream's acknowledgement: when this returns
 /// `Ok` the message is stored.
@@ -257,7 +309,9 @@ pub async fn publish(
     let span = telemetry::messaging::send_span(out.subject, out.message_id);
     span.record("tenant.id", out.tenant_id);
     span.record("run.id", out.run_id);
-    let headers = telemetry::propagation::nats_headers_for(&span, out.tenant_id);
+    let mut headers = telemetry::propagation::nats_headers_for(&span, out.tenant_id);
+    headers.insert(RUN_ID_HEADER, out.run_id);
+    headers.insert(TENANT_ID_HEADER, out.tenant_id);
     let subject = out.subject.to_owned();
     let result = async {
         let publish = PublishMessage::build()

@@ -228,6 +228,14 @@ impl StepSpec {
         let at = |field: &str| format!("steps[{index}].{field}");
         let id = StepId::parse(raw.id).map_err(|m| FieldError::new(at("id"), m))?;
         let input = raw.input.unwrap_or(Value::Object(Default::default()));
+        if depth(&input) > MAX_INPUT_DEPTH {
+            // Every decoder downstream (serde_json's recursion limit of 128,
+            // with the envelope around it) must be able to read the run.
+            return Err(FieldError::new(
+                at("input"),
+                format!("is nested deeper than {MAX_INPUT_DEPTH} levels"),
+            ));
+        }
         let input_error = |e: serde_json::Error| FieldError::new(at("input"), e.to_string());
         let kind = match raw.step_type.as_str() {
             "noop" => match &input {
@@ -349,6 +357,29 @@ impl StepSpec {
         };
         Ok(Self { id, kind, retry })
     }
+}
+
+/// How deep a step's `input` may nest (objects and arrays).
+pub const MAX_INPUT_DEPTH: usize = 32;
+
+/// Nesting depth of `value`: 0 for a scalar, without recursion (the input
+/// may be nested far deeper than the stack allows).
+fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0_usize)];
+    while let Some((value, level)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(level + 1);
+        if deepest > MAX_INPUT_DEPTH {
+            return deepest;
+        }
+        stack.extend(children.map(|child| (child, level + 1)));
+    }
+    deepest
 }
 
 /// Parses a run's `steps`: at least one, at most `max`, ids unique.
