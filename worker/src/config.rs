@@ -26,7 +26,7 @@ pub struct Config {
     pub max_deliver: u64,
     /// How long SIGTERM waits for running runs before naking them.
     pub shutdown_grace: Duration,
-    /// Hosts `http` steps may call.
+    /// Targets `http` steps may call; empty by default (nothing may be called).
     pub http_allow: AllowList,
     /// Largest response body an `http` step keeps.
     pub http_max_body: usize,
@@ -86,7 +86,7 @@ impl Config {
             },
             shutdown_grace: Duration::from_secs(env::parse_or("WORKER_SHUTDOWN_GRACE_SECS", 25)?),
             http_allow: {
-                let raw = env::string_or("WORKER_HTTP_ALLOW", "localhost,127.0.0.1,::1");
+                let raw = env::string_or("WORKER_HTTP_ALLOW", "");
                 AllowList::parse(&raw)
                     .map_err(|reason| EnvError::new("WORKER_HTTP_ALLOW", &raw, reason))?
             },

@@ -6,5 +6,6 @@
 mod approvals;
 mod blocks;
 mod crashes;
+mod http_guard;
 mod sandbox;
 mod support;
