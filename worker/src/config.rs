@@ -34,6 +34,10 @@ pub struct Config {
     pub database_url: String,
     pub sql_allow_writes: bool,
     pub sql_max_rows: usize,
+    /// The longest an `sql` step may wait for a connection, and then hold it.
+    pub sql_timeout: Duration,
+    /// PostgreSQL pool size, or SQLite steps at once.
+    pub sql_max_connections: u32,
     /// The sandbox directory of `fs` steps.
     pub fs_root: PathBuf,
 }
@@ -110,6 +114,26 @@ impl Config {
             },
             sql_allow_writes: env::flag("WORKER_SQL_ALLOW_WRITES", false)?,
             sql_max_rows: env::parse_or("WORKER_SQL_MAX_ROWS", 1_000)?,
+            sql_timeout: match env::parse_or("WORKER_SQL_TIMEOUT_MS", 10_000u64)? {
+                0 => {
+                    return Err(EnvError::new(
+                        "WORKER_SQL_TIMEOUT_MS",
+                        "0",
+                        "must be at least 1",
+                    ));
+                }
+                ms => Duration::from_millis(ms),
+            },
+            sql_max_connections: match env::parse_or("WORKER_SQL_MAX_CONNECTIONS", 4u32)? {
+                0 => {
+                    return Err(EnvError::new(
+                        "WORKER_SQL_MAX_CONNECTIONS",
+                        "0",
+                        "must be at least 1",
+                    ));
+                }
+                n => n,
+            },
             fs_root: PathBuf::from(env::string_or("WORKER_FS_ROOT", "beamline-sandbox")),
         })
     }

@@ -8,4 +8,5 @@ mod blocks;
 mod crashes;
 mod http_guard;
 mod sandbox;
+mod sql_guard;
 mod support;
