@@ -234,7 +234,7 @@ async fn postgres_reads_are_read_only_single_statements_and_leave_no_session_sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_pg_sleep_of_one_tenant_does_not_starve_another() {
-    let (url, _conn) = pg_database("sqlstarve").await;
+    let (url, mut conn) = pg_database("sqlstarve").await;
     let stack = stack(&[
         ("WORKER_DATABASE_URL", url),
         ("WORKER_SQL_TIMEOUT_MS", "3000".to_owned()),
@@ -248,7 +248,21 @@ async fn postgres_pg_sleep_of_one_tenant_does_not_starve_another() {
             .await;
         sleepers.push(accepted["run_id"].as_str().expect("id").to_owned());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Until the four sleeps hold the pool's four connections.
+    let mut sleeping = 0;
+    for _ in 0..100 {
+        sleeping = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'SELECT pg_sleep(20)' AND state = 'active'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity");
+        if sleeping == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sleeping, 4, "the four sleeps never held the pool");
     // Tenant acme's read still gets a connection.
     let response = stack
         .http
