@@ -237,7 +237,8 @@ async fn postgres_pg_sleep_of_one_tenant_does_not_starve_another() {
     let (url, mut conn) = pg_database("sqlstarve").await;
     let stack = stack(&[
         ("WORKER_DATABASE_URL", url),
-        ("WORKER_SQL_TIMEOUT_MS", "3000".to_owned()),
+        // Long enough for four runs to overlap on a loaded machine, far below 20 s.
+        ("WORKER_SQL_TIMEOUT_MS", "8000".to_owned()),
     ])
     .await;
     // Tenant demo takes every pooled connection (4) with a 20 s sleep.
@@ -250,7 +251,7 @@ async fn postgres_pg_sleep_of_one_tenant_does_not_starve_another() {
     }
     // Until the four sleeps hold the pool's four connections.
     let mut sleeping = 0;
-    for _ in 0..100 {
+    for _ in 0..600 {
         sleeping = sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'SELECT pg_sleep(20)' AND state = 'active'",
         )
@@ -288,7 +289,7 @@ async fn postgres_pg_sleep_of_one_tenant_does_not_starve_another() {
     assert_eq!(run["steps"][0]["output"]["rows"], json!([{"one": 1}]));
     // The sleeps were cut at the step timeout, not after 20 s.
     for id in &sleepers {
-        let run = stack.wait_terminal(id, Duration::from_secs(15)).await;
+        let run = stack.wait_terminal(id, Duration::from_secs(30)).await;
         assert_eq!(run["status"], "failed", "{run}");
         assert!(error_of(&run).contains("WORKER_SQL_TIMEOUT_MS"), "{run}");
     }
