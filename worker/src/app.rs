@@ -15,7 +15,7 @@ use crate::blocks::Blocks;
 use crate::blocks::approval::ApprovalBlock;
 use crate::blocks::fs::FsBlock;
 use crate::blocks::http::HttpBlock;
-use crate::blocks::sql::SqlBlock;
+use crate::blocks::sql::{SqlBlock, SqlSettings};
 use crate::config::Config;
 use crate::consume::{self, Executor};
 use crate::events::QueueDepth;
@@ -64,11 +64,14 @@ impl App {
             jetstream: self.jetstream.clone(),
             blocks: Blocks {
                 http: HttpBlock::new(self.config.http_allow.clone(), self.config.http_max_body)?,
-                sql: SqlBlock::new(
-                    self.config.database_url.clone(),
-                    self.config.sql_allow_writes,
-                    self.config.sql_max_rows,
-                ),
+                sql: SqlBlock::new(&SqlSettings {
+                    url: self.config.database_url.clone(),
+                    allow_writes: self.config.sql_allow_writes,
+                    max_rows: self.config.sql_max_rows,
+                    timeout: self.config.sql_timeout,
+                    max_connections: self.config.sql_max_connections,
+                })
+                .context("WORKER_DATABASE_URL")?,
                 fs: FsBlock::new(&self.config.fs_root)
                     .with_context(|| format!("WORKER_FS_ROOT {}", self.config.fs_root.display()))?,
                 approval: ApprovalBlock::new(wire::approvals::bucket(&self.jetstream).await?),

@@ -28,7 +28,7 @@ pub struct Config {
     pub max_deliver: u64,
     /// How long SIGTERM waits for running runs before naking them.
     pub shutdown_grace: Duration,
-    /// Hosts `http` steps may call.
+    /// Targets `http` steps may call; empty by default (nothing may be called).
     pub http_allow: AllowList,
     /// Largest response body an `http` step keeps.
     pub http_max_body: usize,
@@ -36,6 +36,10 @@ pub struct Config {
     pub database_url: String,
     pub sql_allow_writes: bool,
     pub sql_max_rows: usize,
+    /// The longest an `sql` step may wait for a connection, and then hold it.
+    pub sql_timeout: Duration,
+    /// PostgreSQL pool size, or SQLite steps at once.
+    pub sql_max_connections: u32,
     /// The sandbox directory of `fs` steps.
     pub fs_root: PathBuf,
 }
@@ -95,7 +99,7 @@ impl Config {
             },
             shutdown_grace: Duration::from_secs(env::parse_or("WORKER_SHUTDOWN_GRACE_SECS", 25)?),
             http_allow: {
-                let raw = env::string_or("WORKER_HTTP_ALLOW", "localhost,127.0.0.1,::1");
+                let raw = env::string_or("WORKER_HTTP_ALLOW", "");
                 AllowList::parse(&raw)
                     .map_err(|reason| EnvError::new("WORKER_HTTP_ALLOW", &raw, reason))?
             },
@@ -119,6 +123,26 @@ impl Config {
             },
             sql_allow_writes: env::flag("WORKER_SQL_ALLOW_WRITES", false)?,
             sql_max_rows: env::parse_or("WORKER_SQL_MAX_ROWS", 1_000)?,
+            sql_timeout: match env::parse_or("WORKER_SQL_TIMEOUT_MS", 10_000u64)? {
+                0 => {
+                    return Err(EnvError::new(
+                        "WORKER_SQL_TIMEOUT_MS",
+                        "0",
+                        "must be at least 1",
+                    ));
+                }
+                ms => Duration::from_millis(ms),
+            },
+            sql_max_connections: match env::parse_or("WORKER_SQL_MAX_CONNECTIONS", 4u32)? {
+                0 => {
+                    return Err(EnvError::new(
+                        "WORKER_SQL_MAX_CONNECTIONS",
+                        "0",
+                        "must be at least 1",
+                    ));
+                }
+                n => n,
+            },
             fs_root: PathBuf::from(env::string_or("WORKER_FS_ROOT", "beamline-sandbox")),
         })
     }

@@ -46,7 +46,15 @@ async fn echo_server() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_or_personal_data_leaves_a_process() {
     let port = echo_server().await;
-    let stack = Stack::full().await;
+    // Both http targets must be listed: WORKER_HTTP_ALLOW allows nothing by default.
+    let mut stack = Stack::new().await;
+    stack.extra_env.insert(
+        "WORKER_HTTP_ALLOW".into(),
+        format!("127.0.0.1:{port},127.0.0.1:1"),
+    );
+    for component in [Component::Gateway, Component::Router, Component::Worker] {
+        stack.start(component).await;
+    }
     let body = json!({"flow_id": "leaky", "steps": [
         {"id": "call", "type": "http", "input": {
             "url": format!("http://127.0.0.1:{port}/echo?api_key=supersecret123&page=1"),

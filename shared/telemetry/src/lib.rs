@@ -93,6 +93,9 @@ pub struct Settings {
     pub redact_fields: Vec<String>,
     /// `TELEMETRY_REDACT_PATTERNS`: regular expressions to redact anywhere.
     pub redact_patterns: Vec<String>,
+    /// `TELEMETRY_BAGGAGE_ALLOW`: baggage keys kept from incoming requests and
+    /// messages (none by default; `tenant.id` always travels between components).
+    pub baggage_allow: Vec<String>,
     /// `METRICS_AUTH_TOKEN`: when set, `/metrics` wants `Authorization: Bearer <token>`.
     pub metrics_auth_token: Option<String>,
     /// `TELEMETRY_KNOWN_TENANTS` and `TELEMETRY_TENANT_LABEL_LIMIT`, and the
@@ -148,6 +151,14 @@ impl Settings {
                     patterns
                 }
             },
+            baggage_allow: env::raw("TELEMETRY_BAGGAGE_ALLOW")
+                .map(|v| {
+                    v.split(',')
+                        .map(|k| k.trim().to_owned())
+                        .filter(|k| !k.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
             metrics_auth_token: metrics_auth_token()?,
             cardinality: cardinality::CardinalityLimits {
                 known_tenants: env::raw("TELEMETRY_KNOWN_TENANTS")
@@ -220,6 +231,7 @@ pub fn init(info: &ServiceInfo, settings: Settings) -> anyhow::Result<Telemetry>
             .map_err(|e| anyhow::anyhow!("TELEMETRY_REDACT_PATTERNS: {e}"))?,
     );
 
+    propagation::allow_baggage_keys(settings.baggage_allow.clone());
     global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
         Box::new(TraceContextPropagator::new()),
         Box::new(BaggagePropagator::new()),

@@ -4,11 +4,18 @@
 //! (TraceContext + Baggage); nothing here formats a `traceparent` by hand.
 //! NATS header names are case-sensitive, so extraction compares names without
 //! regard to case: Go clients write `Traceparent`, browsers `traceparent`.
+//!
+//! Baggage is filtered where it enters: a client's `baggage` header keeps only
+//! the keys of `TELEMETRY_BAGGAGE_ALLOW` (none by default), a NATS message's
+//! keeps those plus `tenant.id`. Calls to third parties (the worker's `http`
+//! steps) carry trace context only ([`inject_http_trace_context`]).
 
 use opentelemetry::Context;
 use opentelemetry::baggage::{Baggage, BaggageExt};
 use opentelemetry::global;
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use std::sync::OnceLock;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Writes propagation fields into a NATS message's headers.
@@ -80,22 +87,62 @@ pub fn inject_nats(cx: &Context, headers: &mut async_nats::HeaderMap) {
 }
 
 /// Extracts the remote context from NATS headers. Missing or malformed headers
-/// give an empty context, so the next span starts a new trace.
+/// give an empty context, so the next span starts a new trace. Baggage keeps
+/// `tenant.id` and the allowed keys only.
 pub fn extract_nats(headers: Option<&async_nats::HeaderMap>) -> Context {
     match headers {
-        Some(headers) => global::get_text_map_propagator(|p| p.extract(&NatsExtractor(headers))),
+        Some(headers) => filter_baggage(
+            global::get_text_map_propagator(|p| p.extract(&NatsExtractor(headers))),
+            &[TENANT_BAGGAGE_KEY],
+        ),
         None => Context::new(),
     }
 }
 
-/// Injects `cx` into HTTP headers.
+/// Injects `cx` into HTTP headers, baggage included: for Beamline's own
+/// components. Calls to anyone else use [`inject_http_trace_context`].
 pub fn inject_http(cx: &Context, headers: &mut http::HeaderMap) {
     global::get_text_map_propagator(|p| p.inject_context(cx, &mut HttpInjector(headers)));
 }
 
-/// Extracts the remote context from HTTP headers.
+/// Injects `traceparent` and `tracestate` only, never baggage: for requests
+/// to third parties, who must not learn the tenant or a client's entries.
+pub fn inject_http_trace_context(cx: &Context, headers: &mut http::HeaderMap) {
+    TraceContextPropagator::new().inject_context(cx, &mut HttpInjector(headers));
+}
+
+/// Extracts the remote context from HTTP headers (a client's request). Its
+/// baggage keeps the allowed keys only.
 pub fn extract_http(headers: &http::HeaderMap) -> Context {
-    global::get_text_map_propagator(|p| p.extract(&HttpExtractor(headers)))
+    filter_baggage(
+        global::get_text_map_propagator(|p| p.extract(&HttpExtractor(headers))),
+        &[],
+    )
+}
+
+static BAGGAGE_ALLOW: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Sets the baggage keys kept on extraction (`TELEMETRY_BAGGAGE_ALLOW`).
+/// The first call wins; without one no key is kept (besides `tenant.id` on NATS).
+pub fn allow_baggage_keys(keys: Vec<String>) {
+    let _ = BAGGAGE_ALLOW.set(keys);
+}
+
+/// `cx` with only the baggage entries whose key is allowed or in `also`.
+fn filter_baggage(cx: Context, also: &[&str]) -> Context {
+    let baggage = cx.baggage();
+    if baggage.is_empty() {
+        return cx;
+    }
+    let allowed = BAGGAGE_ALLOW.get().map(Vec::as_slice).unwrap_or_default();
+    let kept: Baggage = baggage
+        .iter()
+        .filter(|(key, _)| {
+            also.contains(&key.as_str()) || allowed.iter().any(|a| a.as_str() == key.as_str())
+        })
+        .map(|(k, (v, m))| (k.clone(), (v.clone(), m.clone())))
+        .collect();
+    cx.with_baggage(kept)
 }
 
 /// The baggage key that carries the tenant between components.
@@ -241,6 +288,40 @@ mod tests {
         );
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(sc.is_sampled());
+    }
+
+    #[test]
+    fn client_baggage_is_filtered_to_the_allowed_keys() {
+        install();
+        allow_baggage_keys(vec!["experiment".to_owned()]);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "baggage",
+            http::HeaderValue::from_static("password=hunter2,tenant.id=evil,experiment=b"),
+        );
+        let cx = extract_http(&headers);
+        let keys: Vec<String> = cx.baggage().iter().map(|(k, _)| k.to_string()).collect();
+        assert_eq!(keys, vec!["experiment".to_owned()]);
+
+        let mut nats = async_nats::HeaderMap::new();
+        nats.insert("baggage", "password=hunter2,tenant.id=acme,experiment=b");
+        let cx = extract_nats(Some(&nats));
+        let mut keys: Vec<String> = cx.baggage().iter().map(|(k, _)| k.to_string()).collect();
+        keys.sort();
+        assert_eq!(keys, vec!["experiment".to_owned(), "tenant.id".to_owned()]);
+    }
+
+    #[test]
+    fn third_parties_get_trace_context_only() {
+        install();
+        let cx = with_tenant(&remote(7, 9, true), "acme");
+        let mut headers = http::HeaderMap::new();
+        inject_http_trace_context(&cx, &mut headers);
+        let names: Vec<&str> = headers.keys().map(http::HeaderName::as_str).collect();
+        assert_eq!(names, vec!["traceparent"]);
+        let mut internal = http::HeaderMap::new();
+        inject_http(&cx, &mut internal);
+        assert!(internal.contains_key("baggage"));
     }
 
     #[test]

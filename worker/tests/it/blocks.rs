@@ -55,7 +55,8 @@ async fn upstream() -> (u16, Seen) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_injects_traceparent_and_retries_only_retryable_failures() {
     let (port, seen) = upstream().await;
-    let stack = stack_with(&[]).await;
+    let allow = format!("127.0.0.1:{port}");
+    let stack = stack_with(&[("WORKER_HTTP_ALLOW", allow.as_str())]).await;
 
     let (run_id, trace_id, run) = run_to_end(
         &stack,

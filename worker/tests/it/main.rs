@@ -7,4 +7,7 @@ mod approvals;
 mod blocks;
 mod crashes;
 mod delivery;
+mod http_guard;
+mod sandbox;
+mod sql_guard;
 mod support;
