@@ -8,4 +8,6 @@ mod front_door;
 mod fuzz;
 mod hygiene;
 mod process;
+mod reliability;
+mod store_claims;
 mod traces_pipeline;

@@ -91,6 +91,30 @@ impl NatsServer {
         }
     }
 
+    /// Freezes the server with SIGSTOP: connections stay open but nothing is
+    /// read or answered (a stalled broker, not a dead one).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a [`pause`](Self::pause)d server with SIGCONT.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("nats-server is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Starts it again on the same port with the same store.
     pub async fn restart(&mut self) {
         self.stop().await;
