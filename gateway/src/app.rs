@@ -195,7 +195,10 @@ impl App {
         let admin = bounded("serving the admin port", admin, deadline).await;
         // The flush gets a moment even when the drain used the whole grace.
         let flush_by = deadline.max(tokio::time::Instant::now() + FLUSH_TIMEOUT);
-        if tokio::time::timeout_at(flush_by, self.nats.flush()).await.is_err() {
+        if tokio::time::timeout_at(flush_by, self.nats.flush())
+            .await
+            .is_err()
+        {
             ShutdownStepAbandoned {
                 step: "flushing NATS",
             }

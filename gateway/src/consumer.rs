@@ -29,7 +29,10 @@ pub async fn handle(store: Store, waiters: Arc<Waiters>, message: Message) -> Di
     span.record("run.id", event.run_id.as_str());
     let applied = match store.apply_event(&event).await {
         // Nothing changed: stale or repeated — or about a run never stored.
-        Ok(false) => store.exists(&event.tenant_id, &event.run_id).await.map(|known| (false, known)),
+        Ok(false) => store
+            .exists(&event.tenant_id, &event.run_id)
+            .await
+            .map(|known| (false, known)),
         Ok(true) => Ok((true, true)),
         Err(err) => Err(err),
     };

@@ -154,9 +154,8 @@ impl Outbox {
                     .as_deref()
                     .and_then(|c| serde_json::from_str::<HashMap<String, String>>(c).ok())
                 {
-                    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-                        p.extract(&fields)
-                    });
+                    let parent =
+                        opentelemetry::global::get_text_map_propagator(|p| p.extract(&fields));
                     let _ = span.set_parent(parent);
                 }
                 self.hand_off(&run, HandOff::Republish)

@@ -122,12 +122,14 @@ impl Store {
 
     /// Records that JetStream has the run.
     pub async fn mark_handed_off(&self, run_id: &RunId) -> anyhow::Result<()> {
-        sqlx::query("UPDATE runs SET handed_off_at = $1 WHERE run_id = $2 AND handed_off_at IS NULL")
-            .bind(timestamp(OffsetDateTime::now_utc()))
-            .bind(run_id.as_str())
-            .execute(&self.pool)
-            .await
-            .context("marking a run handed off")?;
+        sqlx::query(
+            "UPDATE runs SET handed_off_at = $1 WHERE run_id = $2 AND handed_off_at IS NULL",
+        )
+        .bind(timestamp(OffsetDateTime::now_utc()))
+        .bind(run_id.as_str())
+        .execute(&self.pool)
+        .await
+        .context("marking a run handed off")?;
         Ok(())
     }
 

@@ -238,7 +238,11 @@ async fn create_inner(
     // The outbox: stored first (with the idempotency key completed in the
     // same transaction), then handed off. Once stored the run is accepted:
     // it reaches JetStream whatever happens to this request or process.
-    match state.store.insert(&record, idempotency_key.as_deref()).await {
+    match state
+        .store
+        .insert(&record, idempotency_key.as_deref())
+        .await
+    {
         Ok(true) => {}
         // Our claim outlived its lease and another request took the key.
         Ok(false) => return Err(ApiError::IdempotencyInFlight),
@@ -257,8 +261,7 @@ async fn create_inner(
     let handing_off = {
         let record = record.clone();
         tokio::spawn(
-            async move { outbox.hand_off(&record, HandOff::First).await }
-                .instrument(span.clone()),
+            async move { outbox.hand_off(&record, HandOff::First).await }.instrument(span.clone()),
         )
     };
     let _ = handing_off.await;

@@ -47,12 +47,7 @@ async fn start_gateway_via(stack: &mut Stack, proxy: &TcpProxy) {
 }
 
 /// `POST /v1/runs` with an Idempotency-Key: the status and the run id answered.
-async fn post_keyed(
-    http: &reqwest::Client,
-    url: &str,
-    key: &str,
-    body: &Value,
-) -> (Option<StatusCode>, Option<String>) {
+async fn post_keyed(http: &reqwest::Client, url: &str, key: &str, body: &Value) -> Answer {
     let sent = http
         .post(url)
         .bearer_auth(DEMO_KEY)
@@ -141,12 +136,16 @@ async fn submitted_messages(stack: &Stack) -> u64 {
     stream.info().await.expect("stream info").state.messages
 }
 
+/// What one request was answered: the status (none when the connection
+/// broke) and the run id.
+type Answer = (Option<StatusCode>, Option<String>);
+/// Every answer, by Idempotency-Key.
+type Answers = HashMap<String, Vec<Answer>>;
+/// Requests in flight, each yielding its key and answer.
+type Wave = tokio::task::JoinSet<(String, Option<StatusCode>, Option<String>)>;
+
 /// Fires `per_key` concurrent identical requests for each key.
-fn fire(
-    stack: &Stack,
-    keys: &[String],
-    per_key: usize,
-) -> tokio::task::JoinSet<(String, Option<StatusCode>, Option<String>)> {
+fn fire(stack: &Stack, keys: &[String], per_key: usize) -> Wave {
     let mut set = tokio::task::JoinSet::new();
     for key in keys {
         for _ in 0..per_key {
@@ -160,10 +159,7 @@ fn fire(
     set
 }
 
-async fn collect(
-    mut set: tokio::task::JoinSet<(String, Option<StatusCode>, Option<String>)>,
-    answers: &mut HashMap<String, Vec<(Option<StatusCode>, Option<String>)>>,
-) {
+async fn collect(mut set: Wave, answers: &mut Answers) {
     while let Some(joined) = set.join_next().await {
         let (key, status, run) = joined.expect("request task");
         answers.entry(key).or_default().push((status, run));
@@ -177,7 +173,7 @@ async fn one_key_one_run(kind: StoreKind) {
     for component in [Component::Gateway, Component::Router, Component::Worker] {
         stack.start(component).await;
     }
-    let mut answers: HashMap<String, Vec<(Option<StatusCode>, Option<String>)>> = HashMap::new();
+    let mut answers = Answers::new();
 
     // Wave 1: 20 keys × 6 at once during a 7 s stall.
     let stalled: Vec<String> = (0..20).map(|i| format!("stall-{i}")).collect();
@@ -210,8 +206,16 @@ async fn one_key_one_run(kind: StoreKind) {
 
     let mut run_ids = BTreeSet::new();
     for key in &again {
-        let ids: BTreeSet<&String> = answers[key].iter().filter_map(|(_, r)| r.as_ref()).collect();
-        assert_eq!(ids.len(), 1, "{key} stands for exactly one run: {:?}", answers[key]);
+        let ids: BTreeSet<&String> = answers[key]
+            .iter()
+            .filter_map(|(_, r)| r.as_ref())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "{key} stands for exactly one run: {:?}",
+            answers[key]
+        );
         run_ids.extend(ids.into_iter().cloned());
     }
     // Nothing else was stored, everything ran, and each run was handed off once.
@@ -398,9 +402,7 @@ async fn a_postgres_store_refusing_connections_is_503_store_unavailable() {
         .expect("admin connection");
     for statement in [
         format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
-        format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-        ),
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
     ] {
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&mut admin)
@@ -415,7 +417,9 @@ async fn a_postgres_store_refusing_connections_is_503_store_unavailable() {
         .await
         .expect("POST");
     expect_store_unavailable(response).await;
-    let read = stack.get_run_as(DEMO_KEY, "01a1ffab-843e-71f0-abad-7fc4259a0512").await;
+    let read = stack
+        .get_run_as(DEMO_KEY, "01a1ffab-843e-71f0-abad-7fc4259a0512")
+        .await;
     expect_store_unavailable(read).await;
 
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -514,9 +518,7 @@ async fn a_report_for_an_unknown_run_is_a_component_error() {
     let metrics = testkit::eventually(Duration::from_secs(15), "the error counted", || async {
         let metrics = stack.scrape(Component::Gateway).await;
         metrics
-            .contains(
-                "component_errors_total{component=\"gateway\",error_code=\"unknown_run\"} 1",
-            )
+            .contains("component_errors_total{component=\"gateway\",error_code=\"unknown_run\"} 1")
             .then_some(metrics)
     })
     .await;

@@ -17,7 +17,10 @@ async fn store(kind: StoreKind) -> (Store, Option<PgDatabase>, tempfile::TempDir
     let dir = tempfile::tempdir().expect("temp dir");
     let (url, db) = match kind {
         StoreKind::Sqlite => (
-            format!("sqlite://{}?mode=rwc", dir.path().join("claims.db").display()),
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("claims.db").display()
+            ),
             None,
         ),
         StoreKind::Postgres => {
@@ -63,7 +66,14 @@ async fn concurrent_claims(kind: StoreKind) {
                 let record = run(&tenant);
                 loop {
                     let claimed = store
-                        .claim_idempotency_key(&tenant, &key, "h", &record.run_id, TTL, Duration::from_secs(10))
+                        .claim_idempotency_key(
+                            &tenant,
+                            &key,
+                            "h",
+                            &record.run_id,
+                            TTL,
+                            Duration::from_secs(10),
+                        )
                         .await
                         .expect("claim");
                     match claimed {
@@ -122,20 +132,38 @@ async fn leases(kind: StoreKind) {
     };
     assert_eq!(claim(&old).await, Claimed::Ours);
     // Within the lease the key is held.
-    assert!(matches!(claim(&new).await, Claimed::Taken(r) if r.run_id == old.run_id && r.status_code.is_none()));
+    assert!(
+        matches!(claim(&new).await, Claimed::Taken(r) if r.run_id == old.run_id && r.status_code.is_none())
+    );
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
-    assert_eq!(claim(&new).await, Claimed::Ours, "taken over after the lease");
+    assert_eq!(
+        claim(&new).await,
+        Claimed::Ours,
+        "taken over after the lease"
+    );
     // The old holder wakes up: its release and its store are refused.
-    assert!(!store.release_idempotency_key(&tenant, "k", &old.run_id).await.expect("release"));
+    assert!(
+        !store
+            .release_idempotency_key(&tenant, "k", &old.run_id)
+            .await
+            .expect("release")
+    );
     assert!(!store.insert(&old, Some("k")).await.expect("insert"));
     assert!(!store.exists(&tenant, &old.run_id).await.expect("exists"));
     // The new holder completes; a later claimant replays it.
     assert!(store.insert(&new, Some("k")).await.expect("insert"));
     let third = run(&tenant);
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
-    assert!(matches!(claim(&third).await, Claimed::Taken(r) if r.run_id == new.run_id && r.status_code == Some(202)));
+    assert!(
+        matches!(claim(&third).await, Claimed::Taken(r) if r.run_id == new.run_id && r.status_code == Some(202))
+    );
     // Releasing someone else's completed key does nothing.
-    assert!(!store.release_idempotency_key(&tenant, "k", &third.run_id).await.expect("release"));
+    assert!(
+        !store
+            .release_idempotency_key(&tenant, "k", &third.run_id)
+            .await
+            .expect("release")
+    );
     assert!(matches!(claim(&third).await, Claimed::Taken(r) if r.run_id == new.run_id));
     if let Some(db) = db {
         db.drop_now().await;
