@@ -193,11 +193,12 @@ impl App {
         bounded("expiring idempotency keys", expiry, deadline).await;
         bounded("reconciling the outbox", reconciling, deadline).await;
         let admin = bounded("serving the admin port", admin, deadline).await;
-        // The flush gets a moment even when the drain used the whole grace.
-        let flush_by = deadline.max(tokio::time::Instant::now() + FLUSH_TIMEOUT);
-        if tokio::time::timeout_at(flush_by, self.nats.flush())
-            .await
-            .is_err()
+        // Disconnected, a flush would wait for the reconnection; what it
+        // would send (acks, publishes) is redelivered or in the outbox anyway.
+        if self.nats.connection_state() == async_nats::connection::State::Connected
+            && tokio::time::timeout(FLUSH_TIMEOUT, self.nats.flush())
+                .await
+                .is_err()
         {
             ShutdownStepAbandoned {
                 step: "flushing NATS",
@@ -220,7 +221,7 @@ impl App {
     }
 }
 
-/// Even with the grace period used up, what the NATS flush may still take.
+/// The most the final NATS flush may take, after the grace period's steps.
 const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Awaits a task until `deadline`; past it, aborts the task and says so.

@@ -286,6 +286,71 @@ async fn a_gateway_killed_between_store_and_publish_leaves_no_debris() {
     assert_eq!(submitted_messages(&stack).await, keys.len() as u64);
 }
 
+/// Item 3: killed between claiming an Idempotency-Key and storing its run
+/// (the insert held up by a table lock), the gateway leaves an in-flight
+/// claim; a retry takes it over once its lease is out instead of a 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_claimed_by_a_killed_gateway_is_taken_over_after_its_lease() {
+    use sqlx::Connection;
+    let (mut stack, db) = bare_stack(StoreKind::Postgres).await;
+    let db = db.expect("database");
+    for component in [Component::Gateway, Component::Router, Component::Worker] {
+        stack.start(component).await;
+    }
+    let mut lock = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    for statement in ["BEGIN", "LOCK TABLE runs IN EXCLUSIVE MODE"] {
+        sqlx::query(statement)
+            .execute(&mut lock)
+            .await
+            .expect("lock runs");
+    }
+    let (http, url) = (stack.http.clone(), stack.url("/v1/runs"));
+    let held =
+        tokio::spawn(async move { post_keyed(&http, &url, "held", &body_for("held")).await });
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let claimed: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM idempotency_keys WHERE idem_key = 'held'")
+                .fetch_one(&mut probe)
+                .await
+                .expect("count claims");
+        if claimed == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the key was not claimed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.kill(Component::Gateway).await;
+    let _ = held.await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut lock)
+        .await
+        .expect("unlock");
+
+    stack.start(Component::Gateway).await;
+    let started = Instant::now();
+    let (status, run) = post_keyed(
+        &stack.http,
+        &stack.url("/v1/runs"),
+        "held",
+        &body_for("held"),
+    )
+    .await;
+    eprintln!("retry answered {status:?} after {:?}", started.elapsed());
+    assert_eq!(status, Some(StatusCode::ACCEPTED), "{run:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let runs = wait_all_terminal(&stack, 1, Duration::from_secs(30)).await;
+    assert_eq!(runs[0]["run_id"].as_str(), run.as_deref());
+    drop(stack);
+    db.drop_now().await;
+}
+
 /// Item 3: killed after its publishes reached a stalled NATS but before the
 /// acks came back (and so before it answered): every run runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,6 +544,10 @@ async fn sigterm_with_the_broker_down_exits_within_the_grace_period() {
         let gateway = stack.gateway.as_mut().expect("gateway");
         gateway.terminate();
         let status = gateway.wait_exit(Duration::from_secs(15)).await;
+        eprintln!(
+            "stalled={stalled}: exited {status:?} after {:?}",
+            started.elapsed()
+        );
         assert!(
             status.is_some() && started.elapsed() < Duration::from_secs(9),
             "stalled={stalled}: exit {status:?} after {:?}; stdout {:?}",
