@@ -284,6 +284,21 @@ async fn a_gateway_killed_between_store_and_publish_leaves_no_debris() {
     let runs = wait_all_terminal(&stack, keys.len(), Duration::from_secs(30)).await;
     assert!(runs.iter().all(|r| r["status"] == "succeeded"), "{runs:?}");
     assert_eq!(submitted_messages(&stack).await, keys.len() as u64);
+    // Each republish happened inside the run's own trace.
+    for run in &runs {
+        let trace_id = run["trace_id"].as_str().expect("trace id").to_owned();
+        testkit::eventually(Duration::from_secs(10), "a republish span", || {
+            let spans = stack.otlp.spans();
+            let trace_id = trace_id.clone();
+            async move {
+                spans
+                    .iter()
+                    .any(|s| s.name == "gateway.outbox.republish" && s.trace_id == trace_id)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
 }
 
 /// Item 3: killed between claiming an Idempotency-Key and storing its run
