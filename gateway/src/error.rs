@@ -26,7 +26,7 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the message broker is unavailable; nothing was recorded, retry later")]
     BrokerUnavailable,
-    #[error("the run store is unavailable; nothing was recorded, retry later")]
+    #[error("the run store is unavailable; retry later")]
     StoreUnavailable(#[source] anyhow::Error),
     #[error("too many requests for this tenant; retry after {0} s")]
     RateLimited(u64),

@@ -362,11 +362,19 @@ async fn answer(
     let mut response = match (wait, waiter) {
         (Some(wait), Some(mut waiter)) => {
             let latest = wait_for_end(&mut waiter, wait, run.status, &state.stopping).await;
-            let stored = state
-                .store
-                .get(&run.tenant_id, &run.run_id)
-                .await?
-                .unwrap_or(run);
+            // The run is stored: a store hiccup now must not turn the
+            // answer into a 503 ("nothing stored"); show what we have.
+            let stored = match state.store.get(&run.tenant_id, &run.run_id).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => run,
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "cannot re-read the run after the wait; answering with the run as submitted"
+                    );
+                    run
+                }
+            };
             let view = view(state, stored, latest.as_ref());
             let status = if view.status.is_terminal() {
                 StatusCode::OK
