@@ -51,6 +51,7 @@ pub struct App {
     admin_router: Router,
     nats: async_nats::Client,
     context_mode: telemetry::ContextMode,
+    http_limits: telemetry::serve::Limits,
 }
 
 impl App {
@@ -92,6 +93,7 @@ impl App {
             admin_router: telemetry.admin_router(),
             nats,
             context_mode: telemetry.settings.messaging_context,
+            http_limits: telemetry.settings.http,
         })
     }
 
@@ -166,11 +168,12 @@ impl App {
 
         let api = router(self.state.clone());
         let stop = shutdown.clone();
-        let serving = tokio::spawn(async move {
-            axum::serve(self.api, api)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let serving = tokio::spawn(telemetry::serve::serve(
+            self.api,
+            api,
+            self.http_limits,
+            stop.cancelled_owned(),
+        ));
         let stop = shutdown.clone();
         let admin = tokio::spawn(telemetry::admin::serve(
             self.admin,

@@ -199,6 +199,43 @@ fn decided(
         .record(policy_time.as_secs_f64());
 }
 
+/// A gRPC `Decide` dry run was decided: logged only. No metric counts it, so
+/// a caller cannot move production numbers or take tenant label slots.
+pub struct DryRunDecided<'a> {
+    pub policy_id: &'a str,
+    /// `None` when rejected.
+    pub provider: Option<&'a str>,
+    pub reason: &'static str,
+}
+
+impl DryRunDecided<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            policy.id = self.policy_id,
+            provider = self.provider.unwrap_or(NO_PROVIDER),
+            decision.reason = self.reason,
+            "dry run decided"
+        );
+    }
+}
+
+/// The gRPC port accepts `Decide` without a token
+/// (`ROUTER_GRPC_ALLOW_UNAUTHENTICATED=true`): said at start, at WARN.
+pub struct GrpcPortOpen<'a> {
+    pub addr: &'a std::net::SocketAddr,
+}
+
+impl GrpcPortOpen<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            grpc = %self.addr,
+            "gRPC port is open: Decide accepts calls without a token \
+             (ROUTER_GRPC_ALLOW_UNAUTHENTICATED=true); for local development only, \
+             set ROUTER_GRPC_TOKEN anywhere else"
+        );
+    }
+}
+
 /// A routed run was (or was not) stored in the provider's work queue.
 pub struct RunDispatched<'a> {
     pub provider: &'a str,

@@ -9,5 +9,6 @@ mod fuzz;
 mod hygiene;
 mod process;
 mod reliability;
+mod security;
 mod store_claims;
 mod traces_pipeline;

@@ -91,28 +91,23 @@ impl NatsServer {
         }
     }
 
-    /// Freezes the server with SIGSTOP: connections stay open but nothing is
-    /// read or answered (a stalled broker, not a dead one).
+    /// Freezes the server (SIGSTOP): connections stay open but nothing is
+    /// answered, as with a stalled broker or a network partition.
     pub fn pause(&self) {
         self.signal("-STOP");
     }
 
-    /// Thaws a [`pause`](Self::pause)d server with SIGCONT.
+    /// Lets a [`pause`](Self::pause)d server go on (SIGCONT).
     pub fn resume(&self) {
         self.signal("-CONT");
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self
-            .child
-            .as_ref()
-            .and_then(Child::id)
-            .expect("nats-server is running");
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} {pid} failed");
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            let _ = std::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status();
+        }
     }
 
     /// Starts it again on the same port with the same store.
