@@ -247,6 +247,9 @@ pub struct IdempotencyRecord {
     /// `None` while the first request is still in flight.
     pub status_code: Option<u16>,
     pub created_at: OffsetDateTime,
+    /// Until when an in-flight claim holds the key (`None`: completed, or a
+    /// claim from before leases).
+    pub lease_until: Option<OffsetDateTime>,
 }
 
 impl Store {
@@ -319,7 +322,7 @@ impl Store {
              status_code = CASE WHEN {TAKE_OVER} THEN NULL ELSE idempotency_keys.status_code END, \
              created_at = CASE WHEN {TAKE_OVER} THEN excluded.created_at ELSE idempotency_keys.created_at END, \
              lease_until = CASE WHEN {TAKE_OVER} THEN excluded.lease_until ELSE idempotency_keys.lease_until END \
-             RETURNING body_hash, run_id, status_code, created_at"
+             RETURNING body_hash, run_id, status_code, created_at, lease_until"
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(tenant.as_str())
@@ -332,20 +335,31 @@ impl Store {
             .fetch_one(&self.pool)
             .await
             .context("claiming an idempotency key")?;
-        let record = IdempotencyRecord {
-            body_hash: row.try_get("body_hash")?,
-            run_id: RunId::parse(row.try_get::<String, _>("run_id")?)
-                .map_err(anyhow::Error::msg)?,
-            status_code: row
-                .try_get::<Option<i64>, _>("status_code")?
-                .and_then(|c| u16::try_from(c).ok()),
-            created_at: OffsetDateTime::parse(&row.try_get::<String, _>("created_at")?, &Rfc3339)?,
-        };
+        let record = decode_idempotency_row(&row)?;
         Ok(if &record.run_id == run_id {
             Claimed::Ours
         } else {
             Claimed::Taken(record)
         })
+    }
+
+    /// What `key` stands for now, read only: what a request waiting for an
+    /// in-flight claim polls, so waiting takes no write lock.
+    pub async fn idempotency_record(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+    ) -> anyhow::Result<Option<IdempotencyRecord>> {
+        let row = sqlx::query(
+            "SELECT body_hash, run_id, status_code, created_at, lease_until \
+             FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading an idempotency key")?;
+        row.as_ref().map(decode_idempotency_row).transpose()
     }
 
     /// Gives up the caller's own in-flight claim (nothing was stored), so a
@@ -441,6 +455,22 @@ fn timestamp(at: OffsetDateTime) -> String {
         at.second(),
         at.microsecond()
     )
+}
+
+fn decode_idempotency_row(row: &AnyRow) -> anyhow::Result<IdempotencyRecord> {
+    let time = |at: &str| OffsetDateTime::parse(at, &Rfc3339).context("idempotency key timestamp");
+    Ok(IdempotencyRecord {
+        body_hash: row.try_get("body_hash")?,
+        run_id: RunId::parse(row.try_get::<String, _>("run_id")?).map_err(anyhow::Error::msg)?,
+        status_code: row
+            .try_get::<Option<i64>, _>("status_code")?
+            .and_then(|c| u16::try_from(c).ok()),
+        created_at: time(&row.try_get::<String, _>("created_at")?)?,
+        lease_until: row
+            .try_get::<Option<String>, _>("lease_until")?
+            .map(|at| time(&at))
+            .transpose()?,
+    })
 }
 
 fn decode_row(row: &AnyRow) -> anyhow::Result<RunRecord> {

@@ -292,8 +292,12 @@ async fn claim(
     let outcome = async {
         let deadline =
             tokio::time::Instant::now() + idempotency::CLAIM_LEASE + Duration::from_secs(2);
-        loop {
-            let claimed = state
+        let mut pause = Duration::from_millis(20);
+        // The claim is a write; waiting on another request's claim only reads,
+        // with a growing pause, so a burst of identical requests does not
+        // starve the store of connections and write locks.
+        let mut claimed = Some(
+            state
                 .store
                 .claim_idempotency_key(
                     tenant,
@@ -303,23 +307,55 @@ async fn claim(
                     state.config.idempotency_ttl,
                     idempotency::CLAIM_LEASE,
                 )
-                .await?;
-            let existing = match claimed {
-                Claimed::Ours => return Ok((Claim::New, IdempotencyResult::Miss)),
-                Claimed::Taken(existing) => existing,
+                .await?,
+        );
+        loop {
+            let existing = match claimed.take() {
+                Some(Claimed::Ours) => return Ok((Claim::New, IdempotencyResult::Miss)),
+                Some(Claimed::Taken(existing)) => Some(existing),
+                None => state.store.idempotency_record(tenant, key).await?,
             };
-            if existing.body_hash != fingerprint {
-                return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Conflict));
+            let held = match existing {
+                Some(existing) if existing.body_hash != fingerprint => {
+                    return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Conflict));
+                }
+                Some(existing) if existing.status_code.is_some() => {
+                    return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Hit));
+                }
+                // In flight: another request is between its claim and storing
+                // its run (milliseconds, unless it died: then its lease runs out).
+                Some(existing) => existing
+                    .lease_until
+                    .is_some_and(|until| until > OffsetDateTime::now_utc()),
+                None => false,
+            };
+            if !held {
+                // Free again, or its holder's lease is out: try to claim it.
+                claimed = Some(
+                    state
+                        .store
+                        .claim_idempotency_key(
+                            tenant,
+                            key,
+                            fingerprint,
+                            run_id,
+                            state.config.idempotency_ttl,
+                            idempotency::CLAIM_LEASE,
+                        )
+                        .await?,
+                );
+                // A claim that is still held right after a takeover attempt
+                // (a race with another waiter) falls through to the pause.
+                if !matches!(&claimed, Some(Claimed::Taken(r)) if r.status_code.is_none()) {
+                    continue;
+                }
+                claimed = None;
             }
-            if existing.status_code.is_some() {
-                return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Hit));
-            }
-            // Another request with this key is between its claim and storing
-            // its run (milliseconds, unless it died: then its lease runs out).
             if tokio::time::Instant::now() >= deadline {
                 return Err(ApiError::IdempotencyInFlight);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
         }
     }
     .instrument(span.clone())
