@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use wire::jetstream::{ConsumeOptions, ConsumerDef};
 
 use crate::config::Config;
+use crate::events::ShutdownStepAbandoned;
+use crate::outbox::Outbox;
 use crate::ratelimit::RateLimiter;
 use crate::routes::{approvals, runs};
 use crate::store::Store;
@@ -29,6 +31,10 @@ pub struct AppState {
     pub approvals: async_nats::jetstream::kv::Store,
     pub rate_limiter: Arc<RateLimiter>,
     pub waiters: Arc<Waiters>,
+    /// Hands stored runs off to JetStream.
+    pub outbox: Outbox,
+    /// Cancelled when shutdown begins: `?wait=` requests answer at once.
+    pub stopping: CancellationToken,
 }
 
 impl AppState {
@@ -73,6 +79,8 @@ impl App {
 
         Ok(Self {
             state: AppState {
+                outbox: Outbox::new(store.clone(), jetstream.clone(), config.publish_timeout),
+                stopping: CancellationToken::new(),
                 store,
                 rate_limiter: Arc::new(RateLimiter::new(config.rate_limits.clone())),
                 waiters: Arc::default(),
@@ -102,7 +110,10 @@ impl App {
     }
 
     /// Serves until `shutdown` is cancelled, then drains: in-flight requests
-    /// finish, the consumer finishes its current message, NATS is flushed.
+    /// finish, the consumer finishes its current message, NATS is flushed —
+    /// all within `GATEWAY_SHUTDOWN_GRACE_SECS`; whatever is still running
+    /// then is abandoned (a stored run stays in the outbox, an unacked event
+    /// is redelivered), so a stalled broker cannot hold the process.
     pub async fn run(
         self,
         shutdown: CancellationToken,
@@ -148,6 +159,12 @@ impl App {
             self.state.config.idempotency_ttl,
             shutdown.clone(),
         ));
+        let reconciling = tokio::spawn(
+            self.state
+                .outbox
+                .clone()
+                .run(self.state.config.outbox_interval, shutdown.clone()),
+        );
 
         let api = router(self.state.clone());
         let stop = shutdown.clone();
@@ -171,13 +188,62 @@ impl App {
 
         shutdown.cancelled().await;
         health.set_stopping();
-        serving.await?.context("serving the API")?;
-        consuming.await??;
-        wakeups.await??;
-        expiry.await?;
-        admin.await?.context("serving the admin port")?;
-        self.nats.flush().await.context("flushing NATS")?;
+        self.state.stopping.cancel();
+        let deadline = tokio::time::Instant::now() + self.state.config.shutdown_grace;
+        let served = bounded("serving the API", serving, deadline).await;
+        let consumed = bounded("applying runs.events", consuming, deadline).await;
+        let woken = bounded("waking waiters", wakeups, deadline).await;
+        bounded("expiring idempotency keys", expiry, deadline).await;
+        bounded("reconciling the outbox", reconciling, deadline).await;
+        let admin = bounded("serving the admin port", admin, deadline).await;
+        // Disconnected, a flush would wait for the reconnection; what it
+        // would send (acks, publishes) is redelivered or in the outbox anyway.
+        if self.nats.connection_state() == async_nats::connection::State::Connected
+            && tokio::time::timeout(FLUSH_TIMEOUT, self.nats.flush())
+                .await
+                .is_err()
+        {
+            ShutdownStepAbandoned {
+                step: "flushing NATS",
+            }
+            .emit();
+        }
+        if let Some(result) = served {
+            result.context("serving the API")?;
+        }
+        if let Some(result) = consumed {
+            result?;
+        }
+        if let Some(result) = woken {
+            result?;
+        }
+        if let Some(result) = admin {
+            result.context("serving the admin port")?;
+        }
         Ok(())
+    }
+}
+
+/// The most the final NATS flush may take, after the grace period's steps.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Awaits a task until `deadline`; past it, aborts the task and says so.
+async fn bounded<T>(
+    step: &'static str,
+    mut task: tokio::task::JoinHandle<T>,
+    deadline: tokio::time::Instant,
+) -> Option<T> {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(Ok(output)) => Some(output),
+        Ok(Err(join)) => {
+            tracing::warn!(step, error = %join, "shutdown step failed");
+            None
+        }
+        Err(_) => {
+            task.abort();
+            ShutdownStepAbandoned { step }.emit();
+            None
+        }
     }
 }
 

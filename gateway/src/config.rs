@@ -21,8 +21,14 @@ pub struct Config {
     pub body_limit: usize,
     /// Most steps in one run.
     pub max_steps: usize,
-    /// How long to wait for JetStream to store a submitted run before 503.
+    /// How long a publish waits for JetStream's acknowledgement (the
+    /// request's own hand-off, then each republish from the outbox).
     pub publish_timeout: Duration,
+    /// How often the outbox is checked for runs JetStream has not
+    /// acknowledged. Well inside the streams' 120 s duplicate window.
+    pub outbox_interval: Duration,
+    /// On SIGTERM, how long the drain may take before what is left is abandoned.
+    pub shutdown_grace: Duration,
     /// Redelivery delay of `runs.events` messages that were not acked.
     pub events_ack_wait: Duration,
     /// `runs.events` messages applied at once.
@@ -108,6 +114,17 @@ impl Config {
                 "GATEWAY_PUBLISH_TIMEOUT_MS",
                 5_000,
             )?),
+            outbox_interval: match env::parse_or("GATEWAY_OUTBOX_INTERVAL_MS", 2_000u64)? {
+                ms @ 100..=60_000 => Duration::from_millis(ms),
+                ms => {
+                    return Err(EnvError::new(
+                        "GATEWAY_OUTBOX_INTERVAL_MS",
+                        &ms.to_string(),
+                        "must be 100 to 60000 (republishes must stay inside the 120 s duplicate window)",
+                    ));
+                }
+            },
+            shutdown_grace: Duration::from_secs(env::parse_or("GATEWAY_SHUTDOWN_GRACE_SECS", 8)?),
             events_ack_wait: Duration::from_secs(env::parse_or(
                 "GATEWAY_EVENTS_ACK_WAIT_SECS",
                 30,

@@ -8,7 +8,7 @@ use telemetry::events::ComponentError;
 use wire::events::RunEvent;
 use wire::jetstream::Disposition;
 
-use crate::events::RunEventApplied;
+use crate::events::{RunEventApplied, UnknownRunReported};
 use crate::store::Store;
 use crate::waiters::Waiters;
 
@@ -27,8 +27,25 @@ pub async fn handle(store: Store, waiters: Arc<Waiters>, message: Message) -> Di
     };
     span.record("tenant.id", event.tenant_id.as_str());
     span.record("run.id", event.run_id.as_str());
-    match store.apply_event(&event).await {
-        Ok(changed) => {
+    let applied = match store.apply_event(&event).await {
+        // Nothing changed: stale or repeated — or about a run never stored.
+        Ok(false) => store
+            .exists(&event.tenant_id, &event.run_id)
+            .await
+            .map(|known| (false, known)),
+        Ok(true) => Ok((true, true)),
+        Err(err) => Err(err),
+    };
+    match applied {
+        Ok((_, false)) => {
+            UnknownRunReported {
+                status: event.status,
+                run_id: event.run_id.as_str(),
+            }
+            .emit();
+            Disposition::Reject
+        }
+        Ok((changed, true)) => {
             waiters.notify(&event);
             RunEventApplied {
                 status: event.status,

@@ -24,8 +24,10 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
-    #[error("the message broker did not take the request; nothing was recorded, retry later")]
+    #[error("the message broker is unavailable; nothing was recorded, retry later")]
     BrokerUnavailable,
+    #[error("the run store is unavailable; retry later")]
+    StoreUnavailable(#[source] anyhow::Error),
     #[error("too many requests for this tenant; retry after {0} s")]
     RateLimited(u64),
     #[error("this Idempotency-Key was used with a different request body")]
@@ -37,7 +39,19 @@ pub enum ApiError {
     #[error("a decision was already made for that step")]
     AlreadyDecided,
     #[error("internal error")]
-    Unexpected(#[from] anyhow::Error),
+    Unexpected(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ApiError {
+    /// A store that is down or locked for a moment is a retryable 503; any
+    /// other failure is a 500.
+    fn from(err: anyhow::Error) -> Self {
+        if crate::store::is_unavailable(&err) {
+            Self::StoreUnavailable(err)
+        } else {
+            Self::Unexpected(err)
+        }
+    }
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -52,7 +66,7 @@ impl ApiError {
             Self::MalformedJson(_) | Self::InvalidField(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BrokerUnavailable | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotAwaitingApproval | Self::AlreadyDecided | Self::IdempotencyInFlight => {
                 StatusCode::CONFLICT
             }
@@ -73,6 +87,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::BrokerUnavailable => "broker_unavailable",
+            Self::StoreUnavailable(_) => "store_unavailable",
             Self::NotAwaitingApproval => "not_awaiting_approval",
             Self::RateLimited(_) => "rate_limited",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
@@ -85,19 +100,25 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Self::Unexpected(err) = &self {
-            ComponentError {
+        match &self {
+            Self::Unexpected(err) => ComponentError {
                 code: "internal",
                 message: &format!("{err:#}"),
             }
-            .emit();
+            .emit(),
+            Self::StoreUnavailable(err) => ComponentError {
+                code: "store_unavailable",
+                message: &format!("{err:#}"),
+            }
+            .emit(),
+            _ => {}
         }
         let status = self.status();
         let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
         let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
             Self::RateLimited(secs) => Some(HeaderValue::from(*secs)),
-            Self::BrokerUnavailable | Self::IdempotencyInFlight => {
+            Self::BrokerUnavailable | Self::StoreUnavailable(_) | Self::IdempotencyInFlight => {
                 Some(HeaderValue::from_static(RETRY_AFTER_SECS))
             }
             _ => None,

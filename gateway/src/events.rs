@@ -12,6 +12,10 @@ pub const RUN_EVENTS_TOTAL: &str = "gateway_run_events_total";
 pub const RATE_LIMITED_TOTAL: &str = "gateway_rate_limited_total";
 pub const AUTH_THROTTLED_TOTAL: &str = "gateway_auth_throttled_total";
 pub const IDEMPOTENCY_TOTAL: &str = "gateway_idempotency_total";
+pub const HAND_OFFS_TOTAL: &str = "gateway_hand_offs_total";
+pub const OUTBOX_PENDING: &str = "gateway_outbox_pending";
+/// Shared with `telemetry::events::ComponentError`, same labels.
+const COMPONENT_ERRORS_TOTAL: &str = "component_errors_total";
 
 pub fn describe() {
     metrics::describe_counter!(
@@ -37,6 +41,14 @@ pub fn describe() {
     metrics::describe_counter!(
         IDEMPOTENCY_TOTAL,
         "Idempotency-Key checks: hit (replayed), miss (new run), conflict (reused with another body)."
+    );
+    metrics::describe_counter!(
+        HAND_OFFS_TOTAL,
+        "Publishes of stored runs to runs.submitted, by attempt (first, republish) and result (acked, failed)."
+    );
+    metrics::describe_gauge!(
+        OUTBOX_PENDING,
+        "Stored runs JetStream has not acknowledged yet (the outbox), as of the last reconciler round."
     );
 }
 
@@ -99,6 +111,7 @@ pub enum SubmitOutcome {
     Accepted,
     Invalid,
     BrokerUnavailable,
+    StoreUnavailable,
     Failed,
 }
 
@@ -108,6 +121,7 @@ impl SubmitOutcome {
             Self::Accepted => "accepted",
             Self::Invalid => "invalid",
             Self::BrokerUnavailable => "broker_unavailable",
+            Self::StoreUnavailable => "store_unavailable",
             Self::Failed => "failed",
         }
     }
@@ -144,6 +158,104 @@ impl RunEventApplied {
         );
         metrics::counter!(RUN_EVENTS_TOTAL, "status" => self.status.as_str(), "result" => result)
             .increment(1);
+    }
+}
+
+/// A report about a run the store does not know: nothing can be applied.
+/// Counted as a component error (every run is stored before it is handed
+/// off, so this is a fault: another gateway's store, a store reset).
+pub struct UnknownRunReported<'a> {
+    pub status: wire::run::RunStatus,
+    pub run_id: &'a str,
+}
+
+impl UnknownRunReported<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            error.code = "unknown_run",
+            run.id = self.run_id,
+            run.status = self.status.as_str(),
+            "report for a run the store does not know; dropped"
+        );
+        metrics::counter!(
+            COMPONENT_ERRORS_TOTAL,
+            "component" => telemetry::events::component(),
+            "error_code" => "unknown_run"
+        )
+        .increment(1);
+    }
+}
+
+/// Which publish of a stored run.
+#[derive(Debug, Clone, Copy)]
+pub enum HandOff {
+    /// By the request that stored it.
+    First,
+    /// By the outbox reconciler.
+    Republish,
+}
+
+impl HandOff {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::First => "first",
+            Self::Republish => "republish",
+        }
+    }
+}
+
+/// A stored run was published to `runs.submitted`.
+pub struct HandOffAttempted<'a> {
+    pub attempt: HandOff,
+    /// Why it is not acknowledged (the run stays in the outbox); `None`: acked.
+    pub failure: Option<&'a str>,
+}
+
+impl HandOffAttempted<'_> {
+    pub fn emit(self) {
+        let result = match self.failure {
+            None => "acked",
+            Some(_) => "failed",
+        };
+        match (self.attempt, self.failure) {
+            (HandOff::First, None) => {}
+            (HandOff::Republish, None) => tracing::info!("run republished from the outbox"),
+            (attempt, Some(reason)) => tracing::warn!(
+                attempt = attempt.as_str(),
+                reason,
+                "hand-off not acknowledged; the run stays in the outbox"
+            ),
+        }
+        metrics::counter!(HAND_OFFS_TOTAL, "attempt" => self.attempt.as_str(), "result" => result)
+            .increment(1);
+    }
+}
+
+/// A reconciler round found `pending` runs in the outbox.
+pub struct OutboxChecked {
+    pub pending: i64,
+}
+
+impl OutboxChecked {
+    pub fn emit(self) {
+        if self.pending > 0 {
+            tracing::debug!(pending = self.pending, "runs in the outbox");
+        }
+        metrics::gauge!(OUTBOX_PENDING).set(self.pending as f64);
+    }
+}
+
+/// A shutdown step did not finish within the grace period and was abandoned.
+pub struct ShutdownStepAbandoned {
+    pub step: &'static str,
+}
+
+impl ShutdownStepAbandoned {
+    pub fn emit(self) {
+        tracing::warn!(
+            step = self.step,
+            "shutdown step did not finish within GATEWAY_SHUTDOWN_GRACE_SECS; abandoned"
+        );
     }
 }
 

@@ -1,7 +1,14 @@
 //! `Idempotency-Key`: the key's rules and the request fingerprint.
 
+use std::time::Duration;
+
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+/// How long an in-flight claim holds a key. Its holder only stores the run
+/// (no broker round trip) before completing it, so this is a crash bound:
+/// a request whose holder died takes the key over once the lease is out.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(10);
 
 /// The header's value, checked: 1..=255 printable ASCII characters.
 pub fn parse_key(value: &str) -> Result<String, String> {

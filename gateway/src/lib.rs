@@ -13,6 +13,7 @@
 //! - [`waiters`]: `?wait=` requests, woken by `runs.events`.
 //! - [`openapi`]: the generated OpenAPI 3.1 document.
 //! - [`store`]: the run store.
+//! - [`outbox`]: hands stored runs off to JetStream, and again until acked.
 //! - [`consumer`]: the `runs.events` consumer.
 //! - [`error`]: API errors → status + JSON body.
 //! - [`events`]: the gateway's telemetry events and metric names.
@@ -26,6 +27,7 @@ pub mod events;
 pub mod http_trace;
 pub mod idempotency;
 pub mod openapi;
+pub mod outbox;
 pub mod ratelimit;
 pub mod routes;
 pub mod store;

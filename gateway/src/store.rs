@@ -31,6 +31,14 @@ pub struct RunRecord {
     pub provider: Option<String>,
     pub error: Option<String>,
     pub trace_id: Option<String>,
+    /// The client's provider hint, kept to publish the run again.
+    pub provider_hint: Option<String>,
+    /// JSON map of the request span's propagation fields, so a republished
+    /// run stays in its trace.
+    pub trace_context: Option<String>,
+    /// When JetStream acknowledged the hand-off; `None` while the run is
+    /// only in the outbox.
+    pub handed_off_at: Option<OffsetDateTime>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
 }
@@ -57,11 +65,38 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
-    pub async fn insert(&self, run: &RunRecord) -> anyhow::Result<()> {
+    /// Stores a new run. With `idempotency_key`, the caller's claim on it
+    /// (tenant, key, run id) is completed in the same transaction: the key
+    /// stands for the run exactly when the run exists. `Ok(false)`: the claim
+    /// was no longer ours (taken over after its lease), nothing was stored.
+    pub async fn insert(
+        &self,
+        run: &RunRecord,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let mut tx = self.pool.begin().await.context("starting a transaction")?;
+        if let Some(key) = idempotency_key {
+            let completed = sqlx::query(
+                "UPDATE idempotency_keys SET status_code = $1, lease_until = NULL \
+                 WHERE tenant_id = $2 AND idem_key = $3 AND run_id = $4 AND status_code IS NULL",
+            )
+            .bind(i64::from(ACCEPTED))
+            .bind(run.tenant_id.as_str())
+            .bind(key)
+            .bind(run.run_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .context("completing an idempotency key")?;
+            if completed.rows_affected() == 0 {
+                tx.rollback().await.context("rolling back")?;
+                return Ok(false);
+            }
+        }
         sqlx::query(
             "INSERT INTO runs (run_id, tenant_id, flow_id, status, status_rank, steps, results, \
-             provider, error, trace_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             provider, error, trace_id, provider_hint, trace_context, handed_off_at, \
+             created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(run.run_id.as_str())
         .bind(run.tenant_id.as_str())
@@ -73,22 +108,67 @@ impl Store {
         .bind(run.provider.clone())
         .bind(run.error.clone())
         .bind(run.trace_id.clone())
+        .bind(run.provider_hint.clone())
+        .bind(run.trace_context.clone())
+        .bind(run.handed_off_at.map(timestamp))
         .bind(timestamp(run.created_at))
         .bind(timestamp(run.updated_at))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .context("inserting a run")?;
+        tx.commit().await.context("committing a new run")?;
+        Ok(true)
+    }
+
+    /// Records that JetStream has the run.
+    pub async fn mark_handed_off(&self, run_id: &RunId) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE runs SET handed_off_at = $1 WHERE run_id = $2 AND handed_off_at IS NULL",
+        )
+        .bind(timestamp(OffsetDateTime::now_utc()))
+        .bind(run_id.as_str())
+        .execute(&self.pool)
+        .await
+        .context("marking a run handed off")?;
         Ok(())
     }
 
-    /// Removes a run that was never handed off (its publish failed).
-    pub async fn delete(&self, run_id: &RunId) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM runs WHERE run_id = $1")
-            .bind(run_id.as_str())
-            .execute(&self.pool)
+    /// The outbox: runs stored before `before` that JetStream has not
+    /// acknowledged yet, oldest first.
+    pub async fn pending_hand_offs(
+        &self,
+        before: OffsetDateTime,
+        limit: u32,
+    ) -> anyhow::Result<Vec<RunRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE handed_off_at IS NULL AND created_at < $1 \
+             ORDER BY created_at LIMIT $2",
+        )
+        .bind(timestamp(before))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .context("reading the outbox")?;
+        rows.iter().map(decode_row).collect()
+    }
+
+    /// How many runs wait in the outbox.
+    pub async fn pending_count(&self) -> anyhow::Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE handed_off_at IS NULL")
+            .fetch_one(&self.pool)
             .await
-            .context("deleting a run")?;
-        Ok(())
+            .context("counting the outbox")
+    }
+
+    /// Whether the tenant's run exists.
+    pub async fn exists(&self, tenant: &TenantId, run_id: &RunId) -> anyhow::Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM runs WHERE run_id = $1 AND tenant_id = $2")
+            .bind(run_id.as_str())
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .context("looking a run up")?;
+        Ok(row.is_some())
     }
 
     /// The tenant's run, or `None` when it does not exist or is another tenant's.
@@ -109,10 +189,12 @@ impl Store {
     /// Applies a worker's report. Only moves a run forward: to a higher
     /// [`RunStatus::rank`], or within the non-terminal rank to a later event
     /// (`running ⇄ awaiting_approval`); returns whether anything changed.
+    /// A report also proves the run was handed off: it leaves the outbox.
     pub async fn apply_event(&self, event: &RunEvent) -> anyhow::Result<bool> {
         let result = sqlx::query(
             "UPDATE runs SET status = $1, status_rank = $2, results = $3, \
-             provider = COALESCE($4, provider), error = $5, updated_at = $6 \
+             provider = COALESCE($4, provider), error = $5, updated_at = $6, \
+             handed_off_at = COALESCE(handed_off_at, $6) \
              WHERE run_id = $7 AND tenant_id = $8 \
              AND (status_rank < $2 OR (status_rank = $2 AND $2 < 3 AND updated_at < $6))",
         )
@@ -145,6 +227,18 @@ pub struct Cursor {
     pub run_id: String,
 }
 
+/// The status code a completed key records: the run was stored (202).
+const ACCEPTED: u16 = 202;
+
+/// The outcome of [`Store::claim_idempotency_key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The key is ours until the lease ends: store the run.
+    Ours,
+    /// Another request has it, finished or in flight.
+    Taken(IdempotencyRecord),
+}
+
 /// What an idempotency key already stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
@@ -153,6 +247,9 @@ pub struct IdempotencyRecord {
     /// `None` while the first request is still in flight.
     pub status_code: Option<u16>,
     pub created_at: OffsetDateTime,
+    /// Until when an in-flight claim holds the key (`None`: completed, or a
+    /// claim from before leases).
+    pub lease_until: Option<OffsetDateTime>,
 }
 
 impl Store {
@@ -196,9 +293,11 @@ impl Store {
         Ok(Page { runs, next })
     }
 
-    /// Claims `key` for a new run. `Ok(None)`: claimed, go on; `Ok(Some(_))`:
-    /// the key is taken (by a finished or in-flight request). An expired
-    /// record is replaced.
+    /// Claims `key` for the run `run_id` in one statement: inserts the
+    /// claim, or takes over an expired record or an in-flight claim whose
+    /// lease ran out (its holder died), or leaves the record as it is — and
+    /// returns the row as it now stands. The claim is ours exactly when that
+    /// row names our run id.
     pub async fn claim_idempotency_key(
         &self,
         tenant: &TenantId,
@@ -206,110 +305,141 @@ impl Store {
         body_hash: &str,
         run_id: &RunId,
         ttl: std::time::Duration,
-    ) -> anyhow::Result<Option<IdempotencyRecord>> {
+        lease: std::time::Duration,
+    ) -> anyhow::Result<Claimed> {
         let now = OffsetDateTime::now_utc();
-        let expired_before = timestamp(now - ttl);
-        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2 AND created_at < $3")
+        // Every SET reads the row as it was, so all five columns switch together.
+        const TAKE_OVER: &str = "(idempotency_keys.created_at < $7 OR \
+             (idempotency_keys.status_code IS NULL AND \
+              (idempotency_keys.lease_until IS NULL OR idempotency_keys.lease_until < $5)))";
+        let sql = format!(
+            "INSERT INTO idempotency_keys \
+             (tenant_id, idem_key, body_hash, run_id, status_code, created_at, lease_until) \
+             VALUES ($1, $2, $3, $4, NULL, $5, $6) \
+             ON CONFLICT (tenant_id, idem_key) DO UPDATE SET \
+             body_hash = CASE WHEN {TAKE_OVER} THEN excluded.body_hash ELSE idempotency_keys.body_hash END, \
+             run_id = CASE WHEN {TAKE_OVER} THEN excluded.run_id ELSE idempotency_keys.run_id END, \
+             status_code = CASE WHEN {TAKE_OVER} THEN NULL ELSE idempotency_keys.status_code END, \
+             created_at = CASE WHEN {TAKE_OVER} THEN excluded.created_at ELSE idempotency_keys.created_at END, \
+             lease_until = CASE WHEN {TAKE_OVER} THEN excluded.lease_until ELSE idempotency_keys.lease_until END \
+             RETURNING body_hash, run_id, status_code, created_at, lease_until"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(tenant.as_str())
             .bind(key)
-            .bind(&expired_before)
-            .execute(&self.pool)
+            .bind(body_hash)
+            .bind(run_id.as_str())
+            .bind(timestamp(now))
+            .bind(timestamp(now + lease))
+            .bind(timestamp(now - ttl))
+            .fetch_one(&self.pool)
             .await
-            .context("expiring an idempotency key")?;
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, idem_key, body_hash, run_id, status_code, created_at) \
-             VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT (tenant_id, idem_key) DO NOTHING",
-        )
-        .bind(tenant.as_str())
-        .bind(key)
-        .bind(body_hash)
-        .bind(run_id.as_str())
-        .bind(timestamp(now))
-        .execute(&self.pool)
-        .await
-        .context("claiming an idempotency key")?;
-        if inserted.rows_affected() == 1 {
-            return Ok(None);
-        }
-        self.idempotency_record(tenant, key).await
+            .context("claiming an idempotency key")?;
+        let record = decode_idempotency_row(&row)?;
+        Ok(if &record.run_id == run_id {
+            Claimed::Ours
+        } else {
+            Claimed::Taken(record)
+        })
     }
 
+    /// What `key` stands for now, read only: what a request waiting for an
+    /// in-flight claim polls, so waiting takes no write lock.
     pub async fn idempotency_record(
         &self,
         tenant: &TenantId,
         key: &str,
     ) -> anyhow::Result<Option<IdempotencyRecord>> {
         let row = sqlx::query(
-            "SELECT body_hash, run_id, status_code, created_at FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2",
+            "SELECT body_hash, run_id, status_code, created_at, lease_until \
+             FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2",
         )
         .bind(tenant.as_str())
         .bind(key)
         .fetch_optional(&self.pool)
         .await
         .context("reading an idempotency key")?;
-        row.map(|row| -> anyhow::Result<IdempotencyRecord> {
-            Ok(IdempotencyRecord {
-                body_hash: row.try_get("body_hash")?,
-                run_id: RunId::parse(row.try_get::<String, _>("run_id")?)
-                    .map_err(anyhow::Error::msg)?,
-                status_code: row
-                    .try_get::<Option<i64>, _>("status_code")?
-                    .and_then(|c| u16::try_from(c).ok()),
-                created_at: OffsetDateTime::parse(
-                    &row.try_get::<String, _>("created_at")?,
-                    &Rfc3339,
-                )?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(decode_idempotency_row).transpose()
     }
 
-    /// Records the answer given for a claimed key.
-    pub async fn complete_idempotency_key(
-        &self,
-        tenant: &TenantId,
-        key: &str,
-        status_code: u16,
-    ) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE idempotency_keys SET status_code = $1 WHERE tenant_id = $2 AND idem_key = $3",
-        )
-        .bind(i64::from(status_code))
-        .bind(tenant.as_str())
-        .bind(key)
-        .execute(&self.pool)
-        .await
-        .context("completing an idempotency key")?;
-        Ok(())
-    }
-
-    /// Releases a claimed key whose request failed, so a retry can use it.
+    /// Gives up the caller's own in-flight claim (nothing was stored), so a
+    /// retry can have the key at once. Another request's claim, or a
+    /// completed key, is left alone.
     pub async fn release_idempotency_key(
         &self,
         tenant: &TenantId,
         key: &str,
-    ) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2 AND status_code IS NULL")
-            .bind(tenant.as_str())
-            .bind(key)
-            .execute(&self.pool)
-            .await
-            .context("releasing an idempotency key")?;
-        Ok(())
+        run_id: &RunId,
+    ) -> anyhow::Result<bool> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idem_key = $2 \
+             AND run_id = $3 AND status_code IS NULL",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .bind(run_id.as_str())
+        .execute(&self.pool)
+        .await
+        .context("releasing an idempotency key")?;
+        Ok(done.rows_affected() == 1)
     }
 
-    /// Deletes keys older than `ttl`; returns how many.
+    /// Deletes keys older than `ttl` and abandoned claims whose lease ran
+    /// out; returns how many.
     pub async fn expire_idempotency_keys(&self, ttl: std::time::Duration) -> anyhow::Result<u64> {
-        let before = timestamp(OffsetDateTime::now_utc() - ttl);
+        let now = OffsetDateTime::now_utc();
         let done = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE created_at < $1 AND status_code IS NOT NULL",
+            "DELETE FROM idempotency_keys WHERE \
+             (status_code IS NOT NULL AND created_at < $1) OR \
+             (status_code IS NULL AND (lease_until IS NULL OR lease_until < $2))",
         )
-        .bind(before)
+        .bind(timestamp(now - ttl))
+        .bind(timestamp(now))
         .execute(&self.pool)
         .await
         .context("expiring idempotency keys")?;
         Ok(done.rows_affected())
     }
+}
+
+/// Whether `err` is the store being unavailable for a moment — a client may
+/// retry — rather than a bug: no connection (refused, dropped, pool timed
+/// out), the database locked or busy, the server shutting down or out of
+/// resources, a serialization conflict.
+pub fn is_unavailable(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<sqlx::Error>())
+        .any(|err| match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::BeginFailed => true,
+            sqlx::Error::Database(db) => {
+                let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
+                db.code().is_some_and(|code| transient_code(sqlite, &code))
+            }
+            _ => false,
+        })
+}
+
+/// SQLite result codes (primary code: the low byte) and PostgreSQL SQLSTATEs
+/// that say "not now" rather than "never".
+fn transient_code(sqlite: bool, code: &str) -> bool {
+    if sqlite {
+        // BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL.
+        return code
+            .parse::<i64>()
+            .is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13 | 14 | 15));
+    }
+    // Connection exceptions, insufficient resources, operator intervention
+    // (admin/crash shutdown, cannot connect now), a database that refuses
+    // connections or is gone, serialization failure and deadlock.
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || matches!(code, "55000" | "3D000" | "40001" | "40P01")
 }
 
 /// Fixed-width UTC RFC 3339, so text order is time order.
@@ -325,6 +455,22 @@ fn timestamp(at: OffsetDateTime) -> String {
         at.second(),
         at.microsecond()
     )
+}
+
+fn decode_idempotency_row(row: &AnyRow) -> anyhow::Result<IdempotencyRecord> {
+    let time = |at: &str| OffsetDateTime::parse(at, &Rfc3339).context("idempotency key timestamp");
+    Ok(IdempotencyRecord {
+        body_hash: row.try_get("body_hash")?,
+        run_id: RunId::parse(row.try_get::<String, _>("run_id")?).map_err(anyhow::Error::msg)?,
+        status_code: row
+            .try_get::<Option<i64>, _>("status_code")?
+            .and_then(|c| u16::try_from(c).ok()),
+        created_at: time(&row.try_get::<String, _>("created_at")?)?,
+        lease_until: row
+            .try_get::<Option<String>, _>("lease_until")?
+            .map(|at| time(&at))
+            .transpose()?,
+    })
 }
 
 fn decode_row(row: &AnyRow) -> anyhow::Result<RunRecord> {
@@ -351,6 +497,12 @@ fn decode_row(row: &AnyRow) -> anyhow::Result<RunRecord> {
         provider: opt("provider")?,
         error: opt("error")?,
         trace_id: opt("trace_id")?,
+        provider_hint: opt("provider_hint")?,
+        trace_context: opt("trace_context")?,
+        handed_off_at: opt("handed_off_at")?
+            .map(|at| OffsetDateTime::parse(&at, &Rfc3339))
+            .transpose()
+            .context("column handed_off_at")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
     })
@@ -373,6 +525,27 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transient_store_errors_are_told_apart() {
+        for code in ["5", "517", "6", "10"] {
+            assert!(transient_code(true, code), "sqlite {code}");
+        }
+        for code in ["19", "2067", "1"] {
+            assert!(!transient_code(true, code), "sqlite {code}");
+        }
+        for code in ["08006", "57P01", "53300", "40001", "3D000"] {
+            assert!(transient_code(false, code), "postgres {code}");
+        }
+        for code in ["23505", "42601", "42P01", "22P02"] {
+            assert!(!transient_code(false, code), "postgres {code}");
+        }
+        let timed_out = anyhow::Error::from(sqlx::Error::PoolTimedOut).context("reading a run");
+        assert!(is_unavailable(&timed_out));
+        let bug = anyhow::Error::from(sqlx::Error::RowNotFound).context("reading a run");
+        assert!(!is_unavailable(&bug));
+        assert!(!is_unavailable(&anyhow::anyhow!("no sqlx error at all")));
+    }
 
     #[test]
     fn redacts_passwords() {

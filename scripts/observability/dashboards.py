@@ -257,7 +257,7 @@ b.panel("5xx error ratio", f'(sum(rate(http_requests_total{{{sel},status_class="
 b.panel("Status code distribution", f"sum by (status_class) (rate(http_requests_total{{{sel}}}[{RI}]))", "reqps", legend="{{status_class}}")
 b.row("Runs")
 b.panel("Submissions by outcome", f"sum by (outcome) (rate(gateway_runs_submitted_total{{component=~\"$component\"}}[{RI}]))", "reqps", legend="{{outcome}}",
-        description="accepted, invalid (400), broker_unavailable (503), failed.")
+        description="accepted (stored), invalid (4xx), broker_unavailable (503, nothing stored), store_unavailable (503, nothing stored), failed (500).")
 b.panel("Worker reports applied to the store", f"sum by (status, result) (rate(gateway_run_events_total{{component=~\"$component\"}}[{RI}]))", "ops", legend="{{status}} {{result}}")
 b.panel("Latency SLO: POST /v1/runs within 250 ms (5m)", "1 - slo:gateway_slow_requests:ratio_rate5m", "percentunit", kind="stat", width=8,
         th={"mode": "absolute", "steps": [{"color": "red", "value": None}, {"color": "orange", "value": 0.99}, {"color": "green", "value": 0.995}]},

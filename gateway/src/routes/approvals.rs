@@ -45,7 +45,7 @@ struct DecisionBody {
         (status = 409, description = "Step not awaiting approval (`not_awaiting_approval`) or already decided (`already_decided`)", body = crate::openapi::ErrorBody),
         (status = 415, description = "Body not JSON", body = crate::openapi::ErrorBody),
         (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
-        (status = 503, description = "Broker unavailable; nothing recorded", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Broker or run store unavailable (`broker_unavailable`, `store_unavailable`); retry", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
     ),
     security(("api_key" = []))
 )]
@@ -73,7 +73,7 @@ pub async fn approve(
         (status = 409, description = "Step not awaiting approval or already decided", body = crate::openapi::ErrorBody),
         (status = 415, description = "Body not JSON", body = crate::openapi::ErrorBody),
         (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
-        (status = 503, description = "Broker unavailable; nothing recorded", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Broker or run store unavailable (`broker_unavailable`, `store_unavailable`); retry", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
     ),
     security(("api_key" = []))
 )]

@@ -18,18 +18,16 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wire::events::RunEvent;
 use wire::ids::{FlowId, ProviderId, RunId, TenantId};
-use wire::jetstream::Outgoing;
 use wire::run::{RunStatus, StepResult};
 use wire::step::{FieldError, RawStep, parse_steps};
-use wire::submitted::RunSubmitted;
 
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::events::{
-    IdempotencyChecked, IdempotencyResult, RateLimited, RunSubmission, SubmitOutcome,
+    HandOff, IdempotencyChecked, IdempotencyResult, RateLimited, RunSubmission, SubmitOutcome,
 };
 use crate::idempotency;
-use crate::store::{Cursor, RunRecord};
+use crate::store::{Claimed, Cursor, RunRecord};
 
 pub const COLLECTION: &str = "/v1/runs";
 pub const ITEM: &str = "/v1/runs/{run_id}";
@@ -125,17 +123,17 @@ enum StepView {
         ("traceparent" = Option<String>, Header, description = "W3C trace context to continue"),
     ),
     responses(
-        (status = 202, description = "Durably queued (or still running after `wait`)", body = Accepted,
+        (status = 202, description = "Stored: the run will be executed (handed off to JetStream now, or republished from the outbox until JetStream has it); or, after `wait`, still running", body = Accepted,
          headers(("traceparent" = String, description = "The gateway's server span"), ("Location" = String))),
         (status = 200, description = "With `wait`: the run ended", body = RunView),
         (status = 400, description = "Malformed JSON or an invalid field (`malformed_json`, `invalid_field`)", body = crate::openapi::ErrorBody),
         (status = 401, description = "No or unknown API key (`unauthorized`)", body = crate::openapi::ErrorBody),
-        (status = 409, description = "The same Idempotency-Key is still in flight (`idempotency_key_in_flight`)", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The same Idempotency-Key is still in flight (`idempotency_key_in_flight`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
         (status = 413, description = "Body over GATEWAY_BODY_LIMIT_BYTES (`payload_too_large`)", body = crate::openapi::ErrorBody),
         (status = 415, description = "Body not JSON (`unsupported_media_type`)", body = crate::openapi::ErrorBody),
         (status = 422, description = "Idempotency-Key reused with another body (`idempotency_key_reused`)", body = crate::openapi::ErrorBody),
         (status = 429, description = "Tenant rate limit (`rate_limited`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
-        (status = 503, description = "Broker did not take the run; nothing stored (`broker_unavailable`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
+        (status = 503, description = "Nothing was stored; retry (with the same Idempotency-Key to be safe): the gateway is not connected to NATS (`broker_unavailable`) or the run store is unavailable (`store_unavailable`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
     ),
     security(("api_key" = []))
 )]
@@ -152,6 +150,7 @@ pub async fn create(
     let outcome = match &result {
         Ok(_) => SubmitOutcome::Accepted,
         Err(ApiError::BrokerUnavailable) => SubmitOutcome::BrokerUnavailable,
+        Err(ApiError::StoreUnavailable(_)) => SubmitOutcome::StoreUnavailable,
         Err(ApiError::Unexpected(_)) => SubmitOutcome::Failed,
         Err(_) => SubmitOutcome::Invalid,
     };
@@ -212,17 +211,14 @@ async fn create_inner(
     }
     span.record("run.id", run_id.as_str());
     span.record("flow.id", flow_id.as_str());
+    // While NATS is known to be away, refuse before storing anything: a
+    // 503 means nothing was recorded.
+    if !state.outbox.connected() {
+        release(state, &tenant, idempotency_key.as_deref(), &run_id).await;
+        return Err(ApiError::BrokerUnavailable);
+    }
     let trace_id = current_trace_id(&span);
     let now = OffsetDateTime::now_utc();
-
-    let run = RunSubmitted {
-        run_id: run_id.clone(),
-        tenant_id: tenant.clone(),
-        flow_id: flow_id.clone(),
-        steps: steps.clone(),
-        provider,
-        submitted_at: now,
-    };
     let record = RunRecord {
         run_id: run_id.clone(),
         tenant_id: tenant.clone(),
@@ -233,34 +229,42 @@ async fn create_inner(
         provider: None,
         error: None,
         trace_id: trace_id.clone(),
+        provider_hint: provider.map(|p| p.to_string()),
+        trace_context: crate::outbox::trace_context(&span),
+        handed_off_at: None,
         created_at: now,
         updated_at: now,
     };
-    // Stored first, then handed off: an event can never arrive for a run the
-    // store does not know. If the hand-off fails the row is removed again, so
-    // nothing half-accepted remains.
-    if let Err(err) = state.store.insert(&record).await {
-        release(state, &tenant, idempotency_key.as_deref()).await;
-        return Err(err.into());
+    // The outbox: stored first (with the idempotency key completed in the
+    // same transaction), then handed off. Once stored the run is accepted:
+    // it reaches JetStream whatever happens to this request or process.
+    match state
+        .store
+        .insert(&record, idempotency_key.as_deref())
+        .await
+    {
+        Ok(true) => {}
+        // Our claim outlived its lease and another request took the key.
+        Ok(false) => return Err(ApiError::IdempotencyInFlight),
+        Err(err) => {
+            release(state, &tenant, idempotency_key.as_deref(), &run_id).await;
+            return Err(err.into());
+        }
     }
     // Subscribed before publishing, so a fast run cannot end unseen.
     let waiter = wait.map(|_| state.waiters.subscribe(run_id.as_str()));
-    if let Err(reason) = hand_off(state, &run).await {
-        telemetry::events::ComponentError {
-            code: "broker_unavailable",
-            message: &reason,
-        }
-        .emit();
-        state.store.delete(&run_id).await?;
-        release(state, &tenant, idempotency_key.as_deref()).await;
-        return Err(ApiError::BrokerUnavailable);
-    }
-    if let Some(key) = &idempotency_key {
-        state
-            .store
-            .complete_idempotency_key(&tenant, key, StatusCode::ACCEPTED.as_u16())
-            .await?;
-    }
+    // In a task of its own: a client hanging up drops this handler, not the
+    // hand-off. Waited for (bounded by the publish timeout) so a healthy
+    // broker has the run before the client hears 202; if it is not
+    // acknowledged, the outbox republishes it.
+    let outbox = state.outbox.clone();
+    let handing_off = {
+        let record = record.clone();
+        tokio::spawn(
+            async move { outbox.hand_off(&record, HandOff::First).await }.instrument(span.clone()),
+        )
+    };
+    let _ = handing_off.await;
     answer(state, record, wait, waiter).await
 }
 
@@ -272,7 +276,8 @@ enum Claim {
 }
 
 /// `gateway.idempotency.check`: claims the key, or finds what it stands for.
-/// A request holding the same key concurrently is waited for (bounded).
+/// A request holding the same key concurrently is waited for — at most a
+/// claim lease, after which its claim is taken over (its holder is gone).
 async fn claim(
     state: &AppState,
     tenant: &TenantId,
@@ -286,9 +291,13 @@ async fn claim(
     );
     let outcome = async {
         let deadline =
-            tokio::time::Instant::now() + state.config.publish_timeout + Duration::from_secs(2);
-        loop {
-            let existing = state
+            tokio::time::Instant::now() + idempotency::CLAIM_LEASE + Duration::from_secs(2);
+        let mut pause = Duration::from_millis(20);
+        // The claim is a write; waiting on another request's claim only reads,
+        // with a growing pause, so a burst of identical requests does not
+        // starve the store of connections and write locks.
+        let mut claimed = Some(
+            state
                 .store
                 .claim_idempotency_key(
                     tenant,
@@ -296,31 +305,62 @@ async fn claim(
                     fingerprint,
                     run_id,
                     state.config.idempotency_ttl,
+                    idempotency::CLAIM_LEASE,
                 )
-                .await?;
-            let Some(existing) = existing else {
-                return Ok((Claim::New, IdempotencyResult::Miss));
+                .await?,
+        );
+        loop {
+            let existing = match claimed.take() {
+                Some(Claimed::Ours) => return Ok((Claim::New, IdempotencyResult::Miss)),
+                Some(Claimed::Taken(existing)) => Some(existing),
+                None => state.store.idempotency_record(tenant, key).await?,
             };
-            if existing.body_hash != fingerprint {
-                return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Conflict));
+            let held = match existing {
+                Some(existing) if existing.body_hash != fingerprint => {
+                    return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Conflict));
+                }
+                Some(existing) if existing.status_code.is_some() => {
+                    return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Hit));
+                }
+                // In flight: another request is between its claim and storing
+                // its run (milliseconds, unless it died: then its lease runs out).
+                Some(existing) => existing
+                    .lease_until
+                    .is_some_and(|until| until > OffsetDateTime::now_utc()),
+                None => false,
+            };
+            if !held {
+                // Free again, or its holder's lease is out: try to claim it.
+                claimed = Some(
+                    state
+                        .store
+                        .claim_idempotency_key(
+                            tenant,
+                            key,
+                            fingerprint,
+                            run_id,
+                            state.config.idempotency_ttl,
+                            idempotency::CLAIM_LEASE,
+                        )
+                        .await?,
+                );
+                // A claim that is still held right after a takeover attempt
+                // (a race with another waiter) falls through to the pause.
+                if !matches!(&claimed, Some(Claimed::Taken(r)) if r.status_code.is_none()) {
+                    continue;
+                }
+                claimed = None;
             }
-            if existing.status_code.is_some() {
-                return Ok((Claim::Replay(existing.run_id), IdempotencyResult::Hit));
-            }
-            // Another request with this key is between insert and publish.
             if tokio::time::Instant::now() >= deadline {
                 return Err(ApiError::IdempotencyInFlight);
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
         }
     }
     .instrument(span.clone())
     .await;
-    let (claim, result) = match outcome {
-        Ok(found) => found,
-        Err(ApiError::IdempotencyInFlight) => return Err(ApiError::IdempotencyInFlight),
-        Err(other) => return Err(other),
-    };
+    let (claim, result) = outcome?;
     span.record("idempotency.result", result.as_str());
     let _entered = span.enter();
     IdempotencyChecked { result }.emit();
@@ -330,42 +370,19 @@ async fn claim(
     }
 }
 
-async fn release(state: &AppState, tenant: &TenantId, key: Option<&str>) {
+/// Gives up our claim on the key when nothing was stored, so a retry need
+/// not wait for the lease. Failing that, the lease runs out by itself.
+async fn release(state: &AppState, tenant: &TenantId, key: Option<&str>, run_id: &RunId) {
     if let Some(key) = key
-        && let Err(err) = state.store.release_idempotency_key(tenant, key).await
+        && let Err(err) = state
+            .store
+            .release_idempotency_key(tenant, key, run_id)
+            .await
     {
         tracing::warn!(
             error = format!("{err:#}"),
             "cannot release an idempotency key"
         );
-    }
-}
-
-/// Publishes the run to `runs.submitted` and waits for the stream's ack.
-async fn hand_off(state: &AppState, run: &RunSubmitted) -> Result<(), String> {
-    // async-nats buffers publishes while disconnected and would send this
-    // one after we answered 503: refuse up front instead.
-    if state.jetstream.client().connection_state() != async_nats::connection::State::Connected {
-        return Err("not connected to NATS".to_owned());
-    }
-    let published = tokio::time::timeout(
-        state.config.publish_timeout,
-        wire::jetstream::publish(
-            &state.jetstream,
-            Outgoing {
-                subject: wire::submitted::SUBJECT,
-                message_id: run.run_id.as_str(),
-                payload: run.encode(),
-                tenant_id: run.tenant_id.as_str(),
-                run_id: run.run_id.as_str(),
-            },
-        ),
-    )
-    .await;
-    match published {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err("timed out waiting for the JetStream acknowledgement".to_owned()),
     }
 }
 
@@ -380,12 +397,20 @@ async fn answer(
     let location = format!("{COLLECTION}/{}", run.run_id);
     let mut response = match (wait, waiter) {
         (Some(wait), Some(mut waiter)) => {
-            let latest = wait_for_end(&mut waiter, wait, run.status).await;
-            let stored = state
-                .store
-                .get(&run.tenant_id, &run.run_id)
-                .await?
-                .unwrap_or(run);
+            let latest = wait_for_end(&mut waiter, wait, run.status, &state.stopping).await;
+            // The run is stored: a store hiccup now must not turn the
+            // answer into a 503 ("nothing stored"); show what we have.
+            let stored = match state.store.get(&run.tenant_id, &run.run_id).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => run,
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "cannot re-read the run after the wait; answering with the run as submitted"
+                    );
+                    run
+                }
+            };
             let view = view(state, stored, latest.as_ref());
             let status = if view.status.is_terminal() {
                 StatusCode::OK
@@ -410,11 +435,13 @@ async fn answer(
     Ok(response)
 }
 
-/// Waits for a terminal event, at most `wait`; returns the latest event seen.
+/// Waits for a terminal event, at most `wait` and not past the start of
+/// shutdown; returns the latest event seen.
 async fn wait_for_end(
     waiter: &mut crate::waiters::Waiter,
     wait: Duration,
     current: RunStatus,
+    stopping: &tokio_util::sync::CancellationToken,
 ) -> Option<RunEvent> {
     if current.is_terminal() {
         return None;
@@ -426,7 +453,11 @@ async fn wait_for_end(
         {
             return Some(event.clone());
         }
-        match tokio::time::timeout_at(deadline, waiter.events.changed()).await {
+        let changed = tokio::select! {
+            changed = tokio::time::timeout_at(deadline, waiter.events.changed()) => changed,
+            _ = stopping.cancelled() => return waiter.events.borrow().clone(),
+        };
+        match changed {
             Ok(Ok(())) => continue,
             _ => return waiter.events.borrow().clone(),
         }
@@ -470,6 +501,7 @@ fn parse_wait(
         (status = 401, description = "No or unknown API key", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such run for this tenant (`not_found`)", body = crate::openapi::ErrorBody),
         (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
+        (status = 503, description = "The run store is unavailable (`store_unavailable`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
     ),
     security(("api_key" = []))
 )]
@@ -508,6 +540,7 @@ pub async fn get(
         (status = 400, description = "Invalid status, limit or cursor (`invalid_field`)", body = crate::openapi::ErrorBody),
         (status = 401, description = "No or unknown API key", body = crate::openapi::ErrorBody),
         (status = 429, description = "Tenant rate limit", body = crate::openapi::ErrorBody),
+        (status = 503, description = "The run store is unavailable (`store_unavailable`)", body = crate::openapi::ErrorBody, headers(("Retry-After" = u64))),
     ),
     security(("api_key" = []))
 )]

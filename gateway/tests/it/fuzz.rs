@@ -17,6 +17,11 @@ fn arbitrary_requests_never_get_a_5xx() {
         stack
             .extra_env
             .insert("GATEWAY_RATE_LIMIT_RPS".into(), "0".into());
+        // Half the cases are unauthenticated on purpose: the failed-auth
+        // throttle would answer the final check with 429.
+        stack
+            .extra_env
+            .insert("GATEWAY_AUTH_FAILURE_RPS".into(), "0".into());
         stack.start(Component::Gateway).await;
         stack
     });

@@ -8,5 +8,7 @@ mod front_door;
 mod fuzz;
 mod hygiene;
 mod process;
+mod reliability;
 mod security;
+mod store_claims;
 mod traces_pipeline;

@@ -5,12 +5,14 @@
 //! - [`nats`]: a `nats-server -js` of the test's own, on a free port, that can
 //!   be stopped and restarted on the same port and store.
 //! - [`otlp`]: an OTLP/gRPC trace receiver collecting the spans it is sent.
+//! - [`proxy`]: a loopback TCP proxy that can swallow traffic (a partition).
 //! - [`service`]: a service binary as a child process, stdout captured.
 //! - [`stack`]: NATS + OTLP receiver + any of gateway/router/worker, with
 //!   typed helpers for the API calls tests make.
 
 pub mod nats;
 pub mod otlp;
+pub mod proxy;
 pub mod service;
 pub mod stack;
 
