@@ -39,9 +39,9 @@ impl App {
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding ROUTER_GRPC_ADDR {}", config.grpc_addr))?;
-        let nats = wire::jetstream::connect(&config.nats_url, "router").await?;
+        let nats = wire::jetstream::connect(&config.nats, "router").await?;
         let jetstream = async_nats::jetstream::new(nats.clone());
-        wire::jetstream::ensure_streams(&jetstream).await?;
+        wire::jetstream::ensure_streams(&jetstream, config.nats.stream_replicas).await?;
         wire::jetstream::register_health(&telemetry.health, &nats);
         let registry = Arc::new(Registry::new(
             config.extensions_file.clone(),

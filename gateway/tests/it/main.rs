@@ -7,5 +7,6 @@ mod e2e;
 mod front_door;
 mod fuzz;
 mod hygiene;
+mod nats_auth;
 mod process;
 mod traces_pipeline;
