@@ -8,5 +8,6 @@ mod front_door;
 mod fuzz;
 mod hygiene;
 mod nats_auth;
+mod nats_cluster;
 mod process;
 mod traces_pipeline;

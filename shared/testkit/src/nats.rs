@@ -201,6 +201,17 @@ impl NatsCluster {
             .join(",")
     }
 
+    /// The addresses of every node but `skip` (a client that must not land on
+    /// a node the test is about to kill).
+    pub fn addresses_except(&self, skip: usize) -> Vec<async_nats::ServerAddr> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != skip)
+            .filter_map(|(_, n)| n.url().parse().ok())
+            .collect()
+    }
+
     /// The node JetStream names `name` (`n1`, `n2`…).
     pub fn index_of(&self, name: &str) -> Option<usize> {
         name.strip_prefix('n')?

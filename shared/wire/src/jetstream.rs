@@ -280,7 +280,7 @@ pub async fn ensure_stream(
                 if e.code() == 404) =>
         {
             return match js.create_stream(wanted.clone()).await {
-                Ok(stream) => Ok(stream.cached_info().clone()),
+                Ok(stream) => kept(stream.cached_info().clone(), &wanted, "create it"),
                 Err(err) => {
                     let reason = err.to_string();
                     Err(StreamSetupError::Refused {
@@ -303,7 +303,7 @@ pub async fn ensure_stream(
     let info = existing.cached_info().clone();
     let found = differences(&info.config, &wanted);
     if found.0.is_empty() {
-        return Ok(info);
+        return kept(info, &wanted, "use it");
     }
     let fixed: Vec<Difference> = found.0.iter().filter(|d| !d.updatable).cloned().collect();
     if !fixed.is_empty() {
@@ -314,6 +314,7 @@ pub async fn ensure_stream(
     }
     match js.update_stream(&wanted).await {
         Ok(updated) => {
+            let updated = kept(updated, &wanted, "update it")?;
             tracing::info!(stream = %name, changed = %found, "stream settings updated");
             Ok(updated)
         }
@@ -328,6 +329,47 @@ pub async fn ensure_stream(
             })
         }
     }
+}
+
+/// Checks that the server kept what it was asked for: a standalone server
+/// accepts `num_replicas: 3` and quietly keeps one replica.
+fn kept(
+    info: stream::Info,
+    wanted: &stream::Config,
+    action: &'static str,
+) -> Result<stream::Info, StreamSetupError> {
+    let mut left = differences(&info.config, wanted);
+    // A server outside a cluster has no RAFT group for the stream: it
+    // records the replica count it was given and keeps one copy.
+    let clustered = info
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.raft_group.is_some() || c.name.is_some());
+    if wanted.num_replicas > 1 && !clustered {
+        left.0.push(Difference {
+            setting: "num_replicas (NATS_STREAM_REPLICAS)",
+            current: "1 (the server is not in a JetStream cluster)".to_owned(),
+            wanted: wanted.num_replicas.to_string(),
+            updatable: false,
+        });
+    }
+    if left.0.is_empty() {
+        return Ok(info);
+    }
+    let single =
+        wanted.num_replicas > 1 && left.0.iter().any(|d| d.setting.starts_with("num_replicas"));
+    Err(StreamSetupError::Refused {
+        stream: wanted.name.clone(),
+        action,
+        differences: left,
+        reason: "the server accepted the request but kept these settings".to_owned(),
+        hint: if single {
+            "; NATS_STREAM_REPLICAS must not exceed the number of JetStream servers \
+             in the cluster (1 on a single server)"
+        } else {
+            ""
+        },
+    })
 }
 
 /// Creates the four streams with `replicas` replicas when missing and brings
