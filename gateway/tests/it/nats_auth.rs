@@ -333,3 +333,113 @@ async fn services_authenticate_with_a_token_an_nkey_and_tls_with_a_ca() {
     )
     .await;
 }
+
+/// base64url without padding (JWT segments).
+fn b64url(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A NATS JWT (`ed25519-nkey`) for `subject`, signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let header = b64url(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": format!("{:016X}{:016X}", fastrand::u64(..), fastrand::u64(..)),
+        "iat": time::OffsetDateTime::now_utc().unix_timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = format!("{header}.{}", b64url(claims.to_string().as_bytes()));
+    let signature = issuer.sign(body.as_bytes()).expect("sign");
+    format!("{body}.{}", b64url(&signature))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_authenticate_with_a_creds_file() {
+    // Decentralized auth: an operator, an account with JetStream, a user
+    // whose JWT and seed are the `.creds` file.
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    // JetStream needs the server's system account.
+    let system = nkeys::KeyPair::new_account();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "beamline-test",
+        json!({"type": "operator", "version": 2, "system_account": system.public_key()}),
+    );
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2, "limits": {"subs": -1, "data": -1, "payload": -1, "conn": -1}}),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "beamline",
+        json!({
+            "type": "account", "version": 2,
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+            }
+        }),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "gateway",
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let creds = dir.path().join("gateway.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("seed")
+        ),
+    )
+    .expect("write creds");
+    let server = NatsServer::start_with(ServerOptions {
+        config: format!(
+            "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+            system.public_key(),
+            system.public_key(),
+            account.public_key()
+        ),
+        ..Default::default()
+    })
+    .await;
+    // Without the creds the server lets nobody in.
+    assert!(
+        async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .connect(server.url())
+            .await
+            .is_err(),
+        "operator mode accepted a connection without credentials"
+    );
+    gateway_publishes_with(
+        &server.url(),
+        vec![("NATS_CREDS_FILE", creds.display().to_string())],
+    )
+    .await;
+}
