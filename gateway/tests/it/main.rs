@@ -10,4 +10,5 @@ mod hygiene;
 mod nats_auth;
 mod nats_cluster;
 mod process;
+mod security;
 mod traces_pipeline;
