@@ -263,32 +263,40 @@ impl NatsCluster {
         None
     }
 
-    /// Waits until the cluster has elected a JetStream meta leader (the
-    /// stream API answers), so streams can be created.
+    /// Waits until the cluster has elected a JetStream meta leader and knows
+    /// all its peers: a probe stream with one replica per node can be placed
+    /// (a meta leader alone may still answer "no suitable peers").
     pub async fn wait_for_meta_leader(&self) {
         let url = self.urls();
-        crate::eventually(Duration::from_secs(30), "a JetStream meta leader", || {
-            let url = url.clone();
-            async move {
-                let servers: Vec<async_nats::ServerAddr> =
-                    url.split(',').filter_map(|u| u.parse().ok()).collect();
-                let client = async_nats::ConnectOptions::new()
-                    .connection_timeout(Duration::from_secs(2))
-                    .connect(servers)
+        let replicas = self.nodes.len();
+        crate::eventually(
+            Duration::from_secs(30),
+            "a JetStream cluster that places R{replicas} streams",
+            || {
+                let url = url.clone();
+                async move {
+                    let servers: Vec<async_nats::ServerAddr> =
+                        url.split(',').filter_map(|u| u.parse().ok()).collect();
+                    let client = async_nats::ConnectOptions::new()
+                        .connection_timeout(Duration::from_secs(2))
+                        .connect(servers)
+                        .await
+                        .ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.create_stream(async_nats::jetstream::stream::Config {
+                        name: "TESTKIT_PROBE".to_owned(),
+                        subjects: vec!["testkit.probe".to_owned()],
+                        storage: async_nats::jetstream::stream::StorageType::Memory,
+                        num_replicas: replicas,
+                        ..Default::default()
+                    })
                     .await
                     .ok()?;
-                let js = async_nats::jetstream::new(client);
-                // Any stream API answer (a 404 included) needs the meta leader.
-                match js.get_stream("BEAMLINE_PROBE").await {
-                    Ok(_) => Some(()),
-                    Err(err) => matches!(
-                        err.kind(),
-                        async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
-                    )
-                    .then_some(()),
+                    js.delete_stream("TESTKIT_PROBE").await.ok()?;
+                    Some(())
                 }
-            }
-        })
+            },
+        )
         .await;
     }
 }

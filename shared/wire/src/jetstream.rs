@@ -311,9 +311,10 @@ pub async fn ensure_stream(
 ) -> Result<stream::Info, StreamSetupError> {
     let name = wanted.name.clone();
     let replicas_hint = |reason: &str| {
-        if wanted.num_replicas > 1 && reason.contains("replicas") {
+        if wanted.num_replicas > 1 && (reason.contains("replicas") || reason.contains("peers")) {
             "; NATS_STREAM_REPLICAS must not exceed the number of JetStream servers \
-             in the cluster (1 on a single server)"
+             up in the cluster (1 on a single server); a cluster still forming \
+             answers this too, so a restart may succeed"
         } else if reason.contains("timed out") {
             // The server drops a request its user may not publish, so a
             // missing permission looks like a timeout here.
