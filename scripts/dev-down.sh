@@ -3,10 +3,12 @@
 # .dev/, checked against its command and working directory): loadgen (and the
 # demo's loadgen-errors fault), gateway,
 # router, worker, Prometheus, Alertmanager, otlp-sink and nats-server (each
-# only if dev-up started it). SIGTERM first, SIGKILL after a grace period.
+# only if dev-up started it; the three nodes of `dev-up.sh --cluster` too).
+# SIGTERM first, SIGKILL after a grace period.
 #
 # Usage: scripts/dev-down.sh [--purge]
-#   --purge  also delete .dev/ (logs, SQLite run store, JetStream data)
+#   --purge  also delete .dev/ (logs, SQLite run store, JetStream data, the
+#            generated NATS passwords)
 # DEV_STOP_TIMEOUT [10] is the grace period in seconds; DEV_DIR [.dev] as for dev-up.
 set -euo pipefail
 
@@ -52,7 +54,7 @@ live_pid() {
 # The command name (/proc/<pid>/comm, at most 15 characters) of NAME.
 comm_of() {
     case "$1" in
-        nats) echo nats-server ;;
+        nats | nats-[123]) echo nats-server ;;
         alertmanager)
             # Debian's binary is prometheus-alertmanager; upstream's alertmanager.
             if [[ -s $DEV/alertmanager.pid ]] \
@@ -100,7 +102,7 @@ if [[ -d $DEV ]]; then
     stop loadgen loadgen-errors
     stop gateway router worker
     stop prometheus alertmanager otlp-sink
-    stop nats
+    stop nats nats-1 nats-2 nats-3
 fi
 
 if ((purge)); then

@@ -6,7 +6,11 @@
 # rules as the compose stack), loadgen's mixed demo traffic, and one sample run
 # end to end.
 #
-# Usage: scripts/dev-up.sh [--no-build] [--no-run] [--no-traffic] [--sample-run]
+# Usage: scripts/dev-up.sh [--cluster] [--no-build] [--no-run] [--no-traffic] [--sample-run]
+#   --cluster     three nats-server nodes in a JetStream cluster (client ports
+#                 DEV_NATS_PORT, +1, +2; routes DEV_NATS_CLUSTER_PORT [6222], +1, +2;
+#                 monitoring DEV_NATS_MONITOR_PORT [8222], +1, +2), every stream
+#                 and bucket with three replicas (NATS_STREAM_REPLICAS=3)
 #   --no-build    start the binaries already in target/release
 #   --no-run      do not submit the sample run
 #   --no-traffic  do not start loadgen (continuous `mixed` traffic)
@@ -23,6 +27,12 @@
 # DEV_PROFILE [release] (debug: use/build target/debug, e.g. in CI after the tests),
 # DEV_DIR [.dev] (state, logs, pid files), DEV_READY_TIMEOUT [60] and
 # DEV_RUN_TIMEOUT [30] seconds.
+# NATS runs with authentication and per-service permissions
+# (observability/nats/permissions.conf): each service connects as its own
+# user with a password generated once into .dev/nats-auth.env (mode 600,
+# never printed). A NATS server found already listening on DEV_NATS_PORT is
+# not ours: the services then connect with whatever NATS_* credentials the
+# environment gives (README, "Settings").
 # Stop everything with scripts/dev-down.sh; state and logs live in .dev/.
 set -euo pipefail
 
@@ -39,9 +49,10 @@ READY_TIMEOUT="${DEV_READY_TIMEOUT:-60}"
 RUN_TIMEOUT="${DEV_RUN_TIMEOUT:-30}"
 export GATEWAY_API_KEYS="${GATEWAY_API_KEYS:-demo:demo-key,slow:slow-key}"
 
-build=1 run=1 only_run=0 traffic=1
+build=1 run=1 only_run=0 traffic=1 cluster=0
 for arg in "$@"; do
     case "$arg" in
+        --cluster) cluster=1 ;;
         --no-build) build=0 ;;
         --no-run) run=0 ;;
         --no-traffic) traffic=0 ;;
@@ -141,25 +152,91 @@ fi
 mkdir -p "$DEV/nats"
 
 # --- NATS -------------------------------------------------------------------
-if pid_alive nats nats-server; then
-    log "nats-server already running (pid $(<"$DEV/nats.pid"))"
-elif port_open "$NATS_PORT"; then
-    log "using the NATS server already listening on 127.0.0.1:$NATS_PORT (it needs JetStream)"
-    rm -f "$DEV/nats.pid"   # not ours: dev-down must leave it alone
-else
-    NATS_BIN="$(command -v nats-server || true)"
-    if [[ -z $NATS_BIN && -x /usr/sbin/nats-server ]]; then NATS_BIN=/usr/sbin/nats-server; fi
-    if [[ -z $NATS_BIN ]]; then
-        log "installing nats-server (apt-get)"
+NATS_CLUSTER_PORT="${DEV_NATS_CLUSTER_PORT:-6222}"
+NATS_MONITOR_PORT="${DEV_NATS_MONITOR_PORT:-8222}"
+# One password per service, made once and kept (the server and the services
+# read them from the environment; nothing prints them).
+if [[ ! -s $DEV/nats-auth.env ]]; then
+    (
+        umask 077
+        for user in GATEWAY ROUTER WORKER; do
+            printf 'NATS_%s_PASSWORD=%s\n' "$user" "$(head -c 18 /dev/urandom | base64 | tr -d '/+=')"
+        done >"$DEV/nats-auth.env"
+    )
+fi
+# shellcheck disable=SC1091
+source "$DEV/nats-auth.env"
+export NATS_GATEWAY_PASSWORD NATS_ROUTER_PASSWORD NATS_WORKER_PASSWORD
+
+nats_bin() {
+    local bin
+    bin="$(command -v nats-server || true)"
+    if [[ -z $bin && -x /usr/sbin/nats-server ]]; then bin=/usr/sbin/nats-server; fi
+    if [[ -z $bin ]]; then
+        log "installing nats-server (apt-get)" >&2
         as_root env DEBIAN_FRONTEND=noninteractive apt-get -qq update
         as_root env DEBIAN_FRONTEND=noninteractive apt-get -qq install -y nats-server >/dev/null
-        NATS_BIN=/usr/sbin/nats-server
+        bin=/usr/sbin/nats-server
     fi
-    nohup "$NATS_BIN" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$DEV/nats" </dev/null >>"$DEV/nats.log" 2>&1 &
-    echo $! >"$DEV/nats.pid"
-    for _ in $(seq 50); do port_open "$NATS_PORT" && break; sleep 0.2; done
-    port_open "$NATS_PORT" || die "nats-server did not start; see $DEV/nats.log"
-    log "started nats-server (pid $(<"$DEV/nats.pid"))"
+    printf '%s' "$bin"
+}
+
+# start_nats NAME PORT ARGS...: nats-server with Beamline's configuration
+# (JetStream, per-service users) as .dev/NAME.
+start_nats() {
+    local name="$1" port="$2"
+    shift 2
+    mkdir -p "$DEV/$name"
+    nohup "$NATS_BIN" -c "$ROOT/observability/nats/nats-server.conf" \
+        -a 127.0.0.1 -p "$port" -sd "$DEV/$name" "$@" </dev/null >>"$DEV/$name.log" 2>&1 &
+    echo $! >"$DEV/$name.pid"
+    for _ in $(seq 50); do port_open "$port" && break; sleep 0.2; done
+    port_open "$port" || die "nats-server $name did not start; see $DEV/$name.log"
+    log "started $name (pid $(<"$DEV/$name.pid"), nats://127.0.0.1:$port)"
+}
+
+nats_ours=1
+if ((cluster)); then
+    pid_alive nats nats-server && die "a single nats-server from an earlier dev-up runs; scripts/dev-down.sh first"
+    NATS_URL_LIST="" ROUTES=""
+    for i in 1 2 3; do
+        NATS_URL_LIST+="${NATS_URL_LIST:+,}nats://127.0.0.1:$((NATS_PORT + i - 1))"
+        ROUTES+="${ROUTES:+,}nats://127.0.0.1:$((NATS_CLUSTER_PORT + i - 1))"
+    done
+    for i in 1 2 3; do
+        if pid_alive "nats-$i" nats-server; then
+            log "nats-$i already running (pid $(<"$DEV/nats-$i.pid"))"
+            continue
+        fi
+        ! port_open "$((NATS_PORT + i - 1))" || die "port $((NATS_PORT + i - 1)) is taken; cannot start nats-$i"
+        NATS_BIN="${NATS_BIN:-$(nats_bin)}"
+        start_nats "nats-$i" "$((NATS_PORT + i - 1))" --server_name "nats-$i" \
+            --cluster_name beamline --cluster "nats://127.0.0.1:$((NATS_CLUSTER_PORT + i - 1))" \
+            --routes "$ROUTES" -m "$((NATS_MONITOR_PORT + i - 1))"
+    done
+    # The services create replicated streams at start: wait for the cluster
+    # to elect its JetStream meta leader (healthz answers 200 then).
+    deadline=$((SECONDS + READY_TIMEOUT))
+    for i in 1 2 3; do
+        until curl -fsS -o /dev/null "http://127.0.0.1:$((NATS_MONITOR_PORT + i - 1))/healthz" 2>/dev/null; do
+            ((SECONDS < deadline)) || die "the NATS cluster is not healthy after ${READY_TIMEOUT}s; see $DEV/nats-*.log"
+            sleep 0.5
+        done
+    done
+    log "NATS cluster healthy (3 nodes, JetStream meta leader elected)"
+    export NATS_URL="${NATS_URL:-$NATS_URL_LIST}"
+    export NATS_STREAM_REPLICAS="${NATS_STREAM_REPLICAS:-3}"
+elif pid_alive nats nats-server; then
+    log "nats-server already running (pid $(<"$DEV/nats.pid"))"
+elif port_open "$NATS_PORT"; then
+    log "using the NATS server already listening on 127.0.0.1:$NATS_PORT (it needs JetStream;" \
+        "the services use the NATS_* credentials of this environment, if any)"
+    rm -f "$DEV/nats.pid"   # not ours: dev-down must leave it alone
+    nats_ours=0
+else
+    pid_alive nats-1 nats-server && die "a NATS cluster from an earlier dev-up --cluster runs; scripts/dev-down.sh first"
+    NATS_BIN="$(nats_bin)"
+    start_nats nats "$NATS_PORT" -js
 fi
 
 # --- build ------------------------------------------------------------------
@@ -184,6 +261,7 @@ ROUTER_PORT="$(port_of "${ROUTER_GRPC_ADDR:-0.0.0.0:9000}")"
 GATEWAY_URL="${GATEWAY_URL:-http://localhost:$GATEWAY_PORT}"
 
 export NATS_URL="${NATS_URL:-nats://127.0.0.1:$NATS_PORT}"
+export NATS_STREAM_REPLICAS="${NATS_STREAM_REPLICAS:-1}"
 export DATABASE_URL="${DATABASE_URL:-sqlite://$DEV/gateway.db?mode=rwc}"
 export LOG_FORMAT="${LOG_FORMAT:-json}"
 export RUST_LOG="${RUST_LOG:-info}"
@@ -225,7 +303,15 @@ start() {
         ! port_open "$port" || die "port $port is taken by another process; cannot start $name"
     done
     [[ -x $bin ]] || die "$bin not found; run without --no-build"
-    OTEL_SERVICE_NAME="$name" launch "$name" "$name" "$bin" || true
+    if ((nats_ours)); then
+        # Each service as its own NATS user (observability/nats/permissions.conf).
+        local password_var
+        password_var="NATS_$(tr '[:lower:]' '[:upper:]' <<<"$name")_PASSWORD"
+        NATS_USER="$name" NATS_PASSWORD="${!password_var}" OTEL_SERVICE_NAME="$name" \
+            launch "$name" "$name" "$bin" || true
+    else
+        OTEL_SERVICE_NAME="$name" launch "$name" "$name" "$bin" || true
+    fi
 }
 
 # --- otlp-sink: the collector + Jaeger stand-in -------------------------------
@@ -368,12 +454,15 @@ if ((run)); then
     sample_run || rc=$?
 fi
 
+nats_note="streams R$NATS_STREAM_REPLICAS"
+((!cluster)) || nats_note="3-node cluster, $nats_note"
+((!nats_ours)) || nats_note+=", per-service users (passwords in $DEV/nats-auth.env)"
 echo "Beamline dev stack is up (admin ports serve /metrics and /health/ready):"
 printf '  %-13s %-34s %s\n' \
     gateway "API  http://localhost:$GATEWAY_PORT" "admin http://localhost:$GATEWAY_ADMIN" \
     router "gRPC localhost:$ROUTER_PORT" "admin http://localhost:$ROUTER_ADMIN (gRPC: Bearer \$ROUTER_GRPC_TOKEN)" \
     worker "" "admin http://localhost:$WORKER_ADMIN" \
-    nats "nats://localhost:$NATS_PORT" ""
+    nats "$NATS_URL" "$nats_note"
 ((!sink)) || printf '  %-13s %-34s %s\n' otlp-sink "OTLP localhost:$OTLP_PORT" \
     "traces http://localhost:$SPANMETRICS_PORT/api/traces/<trace_id>, span metrics /metrics"
 ((!prometheus)) || printf '  %-13s %s\n' prometheus "http://localhost:$PROMETHEUS_PORT (alerts: /alerts, targets: /targets)"

@@ -64,10 +64,10 @@ impl App {
             .await
             .with_context(|| format!("binding GATEWAY_ADMIN_ADDR {}", config.admin_addr))?;
         let store = Store::connect(&config.database_url).await?;
-        let nats = wire::jetstream::connect(&config.nats_url, "gateway").await?;
+        let nats = wire::jetstream::connect(&config.nats, "gateway").await?;
         let jetstream = async_nats::jetstream::new(nats.clone());
-        wire::jetstream::ensure_streams(&jetstream).await?;
-        let approvals = wire::approvals::bucket(&jetstream).await?;
+        wire::jetstream::ensure_streams(&jetstream, config.nats.stream_replicas).await?;
+        let approvals = wire::approvals::bucket(&jetstream, config.nats.stream_replicas).await?;
 
         let health = &telemetry.health;
         wire::jetstream::register_health(health, &nats);

@@ -12,7 +12,8 @@ use crate::ratelimit::{Limit, Limits};
 pub struct Config {
     pub listen_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub nats_url: String,
+    /// `NATS_URL`, credentials, TLS, `NATS_STREAM_REPLICAS`.
+    pub nats: wire::connection::NatsSettings,
     pub database_url: String,
     pub api_keys: ApiKeys,
     /// Base of `trace_url` in responses.
@@ -102,7 +103,7 @@ impl Config {
                 "GATEWAY_ADMIN_ADDR",
                 SocketAddr::from(([0, 0, 0, 0], 3001)),
             )?,
-            nats_url: env::string_or("NATS_URL", "nats://127.0.0.1:4222"),
+            nats: wire::connection::NatsSettings::from_env()?,
             database_url,
             api_keys,
             jaeger_ui_url: env::string_or("JAEGER_UI_URL", "http://localhost:16686")

@@ -40,7 +40,7 @@ impl App {
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding ROUTER_GRPC_ADDR {}", config.grpc_addr))?;
-        let nats = wire::jetstream::connect(&config.nats_url, "router").await?;
+        let nats = wire::jetstream::connect(&config.nats, "router").await?;
         // Every accepted `Decide` request must fit in an extension request.
         // (0: the server has not said; the invoker checks each request too.)
         let max_payload = nats.server_info().max_payload;
@@ -51,7 +51,7 @@ impl App {
             );
         }
         let jetstream = async_nats::jetstream::new(nats.clone());
-        wire::jetstream::ensure_streams(&jetstream).await?;
+        wire::jetstream::ensure_streams(&jetstream, config.nats.stream_replicas).await?;
         wire::jetstream::register_health(&telemetry.health, &nats);
         let registry = Arc::new(Registry::new(
             config.extensions_file.clone(),

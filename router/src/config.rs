@@ -29,7 +29,8 @@ pub struct Config {
     /// Larger `Decide` requests are refused before they are decoded; checked
     /// at start against the NATS server's max payload.
     pub grpc_max_request_bytes: usize,
-    pub nats_url: String,
+    /// `NATS_URL`, credentials, TLS, `NATS_STREAM_REPLICAS`.
+    pub nats: wire::connection::NatsSettings,
     /// Runs decided at once by this replica.
     pub concurrency: usize,
     /// Redelivery delay of `runs.submitted` messages that were not acked.
@@ -65,7 +66,7 @@ impl Config {
         Ok(Self {
             admin_addr: env::parse_or("ROUTER_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9001)))?,
             grpc_addr: env::parse_or("ROUTER_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 9000)))?,
-            nats_url: env::string_or("NATS_URL", "nats://127.0.0.1:4222"),
+            nats: wire::connection::NatsSettings::from_env()?,
             concurrency: env::parse_or("ROUTER_CONCURRENCY", 32)?,
             ack_wait: Duration::from_secs(env::parse_or("ROUTER_ACK_WAIT_SECS", 30)?),
             policy_file,

@@ -37,9 +37,9 @@ impl App {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("binding WORKER_ADMIN_ADDR {}", config.admin_addr))?;
-        let nats = wire::jetstream::connect(&config.nats_url, "worker").await?;
+        let nats = wire::jetstream::connect(&config.nats, "worker").await?;
         let jetstream = async_nats::jetstream::new(nats.clone());
-        wire::jetstream::ensure_streams(&jetstream).await?;
+        wire::jetstream::ensure_streams(&jetstream, config.nats.stream_replicas).await?;
         wire::jetstream::register_health(&telemetry.health, &nats);
         Ok(Self {
             config,
@@ -74,9 +74,13 @@ impl App {
                 .context("WORKER_DATABASE_URL")?,
                 fs: FsBlock::new(&self.config.fs_root)
                     .with_context(|| format!("WORKER_FS_ROOT {}", self.config.fs_root.display()))?,
-                approval: ApprovalBlock::new(wire::approvals::bucket(&self.jetstream).await?),
+                approval: ApprovalBlock::new(
+                    wire::approvals::bucket(&self.jetstream, self.config.nats.stream_replicas)
+                        .await?,
+                ),
             },
-            progress: ProgressStore::open(&self.jetstream).await?,
+            progress: ProgressStore::open(&self.jetstream, self.config.nats.stream_replicas)
+                .await?,
             max_deliver: self.config.max_deliver,
         });
         let mut tasks = JoinSet::new();

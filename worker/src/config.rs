@@ -13,7 +13,8 @@ use wire::ids::ProviderId;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub admin_addr: SocketAddr,
-    pub nats_url: String,
+    /// `NATS_URL`, credentials, TLS, `NATS_STREAM_REPLICAS`.
+    pub nats: wire::connection::NatsSettings,
     /// The providers (work queues) this worker serves.
     pub providers: Vec<ProviderId>,
     /// Runs executed at once by this replica.
@@ -82,7 +83,7 @@ impl Config {
         }
         Ok(Self {
             admin_addr: env::parse_or("WORKER_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9092)))?,
-            nats_url: env::string_or("NATS_URL", "nats://127.0.0.1:4222"),
+            nats: wire::connection::NatsSettings::from_env()?,
             providers,
             concurrency,
             ack_wait: Duration::from_secs(ack_wait_secs),

@@ -81,9 +81,18 @@ pub struct ProgressStore {
 }
 
 impl ProgressStore {
-    pub async fn open(js: &async_nats::jetstream::Context) -> anyhow::Result<Self> {
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
-            kv: wire::jetstream::key_value(js, BUCKET, "worker run progress, key <run_id>").await?,
+            kv: wire::jetstream::key_value(
+                js,
+                BUCKET,
+                "worker run progress, key <run_id>",
+                replicas,
+            )
+            .await?,
         })
     }
 

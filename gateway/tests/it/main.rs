@@ -7,6 +7,8 @@ mod e2e;
 mod front_door;
 mod fuzz;
 mod hygiene;
+mod nats_auth;
+mod nats_cluster;
 mod process;
 mod reliability;
 mod security;

@@ -51,9 +51,16 @@ impl ApprovalDecision {
     }
 }
 
-/// Opens the bucket, creating it when missing.
+/// Opens the bucket, creating it with `replicas` replicas when missing.
 pub async fn bucket(
     js: &async_nats::jetstream::Context,
+    replicas: usize,
 ) -> anyhow::Result<async_nats::jetstream::kv::Store> {
-    crate::jetstream::key_value(js, BUCKET, "approval decisions, key <run_id>.<step_id>").await
+    crate::jetstream::key_value(
+        js,
+        BUCKET,
+        "approval decisions, key <run_id>.<step_id>",
+        replicas,
+    )
+    .await
 }

@@ -13,16 +13,35 @@ use async_nats::jetstream::stream::{self, StorageType};
 use async_nats::jetstream::{self as js, Context};
 use tracing::Instrument;
 
-/// Connects to NATS, failing fast at start (reconnects are automatic after).
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+/// Connects to NATS, failing fast at start (reconnects are automatic after,
+/// to any of the configured servers or those the cluster announces).
+///
+/// The connection's inbox prefix is `_INBOX.<name>`, so a server's
+/// permissions can let each service read only its own replies.
+pub async fn connect(
+    settings: &crate::connection::NatsSettings,
+    name: &str,
+) -> anyhow::Result<async_nats::Client> {
+    let servers = settings.servers_display();
+    let client = settings
+        .connect_options()
+        .await?
         .name(name)
+        .custom_inbox_prefix(format!("_INBOX.{name}"))
         .event_callback(|event| async move {
             tracing::info!(event = %event, "nats connection event");
         })
-        .connect(url)
+        .connect(settings.servers.clone())
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to NATS at {url} (NATS_URL): {e}"))
+        .map_err(|e| anyhow::anyhow!("connecting to NATS at {servers} (NATS_URL): {e}"))?;
+    tracing::info!(
+        servers = %servers,
+        auth = settings.auth.method(),
+        tls = settings.tls.enabled(),
+        stream_replicas = settings.stream_replicas,
+        "connected to NATS"
+    );
+    Ok(client)
 }
 
 /// How long one readiness answer about JetStream is reused: probes come
@@ -114,25 +133,322 @@ const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The window in which a repeated `Nats-Msg-Id` is dropped by the server.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// Creates the three streams when missing; leaves existing ones as they are.
-pub async fn ensure_streams(js: &Context) -> anyhow::Result<()> {
+/// A stream that could not be brought to the configuration the code wants.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamSetupError {
+    /// The stream exists with settings JetStream never changes in place.
+    #[error(
+        "stream {stream} exists with settings JetStream cannot change: {differences}; \
+         to fix: drain it (let consumers finish), back it up if needed, delete it \
+         (`nats stream rm {stream}`) and restart a service to recreate it"
+    )]
+    Immutable {
+        stream: String,
+        differences: Differences,
+    },
+    /// The server refused the update (or the creation) of the stream.
+    #[error("stream {stream}: JetStream refused to {action} ({differences}): {reason}{hint}")]
+    Refused {
+        stream: String,
+        action: &'static str,
+        differences: Differences,
+        reason: String,
+        hint: &'static str,
+    },
+    #[error("stream {stream}: {reason}")]
+    Unreachable { stream: String, reason: String },
+}
+
+/// One setting of an existing stream that differs from the wanted one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub setting: &'static str,
+    pub current: String,
+    pub wanted: String,
+    /// JetStream can change it with a stream update.
+    pub updatable: bool,
+}
+
+/// The differences, printable as `setting current → wanted; …`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Differences(pub Vec<Difference>);
+
+impl std::fmt::Display for Differences {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("new stream");
+        }
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(
+                f,
+                "{} is {} but {} is wanted",
+                d.setting, d.current, d.wanted
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The settings of `current` that differ from `wanted`, among those this
+/// code sets. Unlimited is `-1` on the server and `0` in a fresh `Config`.
+pub fn differences(current: &stream::Config, wanted: &stream::Config) -> Differences {
+    fn limit(v: i64) -> i64 {
+        if v <= 0 { -1 } else { v }
+    }
+    let mut out = Vec::new();
+    let mut check = |setting, current: String, wanted: String, updatable| {
+        if current != wanted {
+            out.push(Difference {
+                setting,
+                current,
+                wanted,
+                updatable,
+            });
+        }
+    };
+    let subjects = |s: &[String]| {
+        let mut s = s.to_vec();
+        s.sort();
+        format!("{s:?}")
+    };
+    check(
+        "subjects",
+        subjects(&current.subjects),
+        subjects(&wanted.subjects),
+        true,
+    );
+    check(
+        "storage",
+        format!("{:?}", current.storage),
+        format!("{:?}", wanted.storage),
+        false,
+    );
+    check(
+        "retention",
+        format!("{:?}", current.retention),
+        format!("{:?}", wanted.retention),
+        false,
+    );
+    check(
+        "num_replicas (NATS_STREAM_REPLICAS)",
+        current.num_replicas.max(1).to_string(),
+        wanted.num_replicas.max(1).to_string(),
+        true,
+    );
+    check(
+        "max_age",
+        format!("{:?}", current.max_age),
+        format!("{:?}", wanted.max_age),
+        true,
+    );
+    // Zero asks for the server's default: two minutes, at most max_age.
+    let window = |c: &stream::Config| match c.duplicate_window {
+        Duration::ZERO if c.max_age.is_zero() => DUPLICATE_WINDOW,
+        Duration::ZERO => c.max_age.min(DUPLICATE_WINDOW),
+        window => window,
+    };
+    check(
+        "duplicate_window",
+        format!("{:?}", window(current)),
+        format!("{:?}", window(wanted)),
+        true,
+    );
+    check(
+        "max_bytes",
+        limit(current.max_bytes).to_string(),
+        limit(wanted.max_bytes).to_string(),
+        true,
+    );
+    check(
+        "max_messages",
+        limit(current.max_messages).to_string(),
+        limit(wanted.max_messages).to_string(),
+        true,
+    );
+    check(
+        "max_messages_per_subject",
+        limit(current.max_messages_per_subject).to_string(),
+        limit(wanted.max_messages_per_subject).to_string(),
+        true,
+    );
+    check(
+        "discard",
+        format!("{:?}", current.discard),
+        format!("{:?}", wanted.discard),
+        true,
+    );
+    check(
+        "allow_rollup",
+        current.allow_rollup.to_string(),
+        wanted.allow_rollup.to_string(),
+        true,
+    );
+    check(
+        "allow_direct",
+        current.allow_direct.to_string(),
+        wanted.allow_direct.to_string(),
+        true,
+    );
+    // JetStream refuses to clear deny_delete once set; setting it is an update.
+    check(
+        "deny_delete",
+        current.deny_delete.to_string(),
+        wanted.deny_delete.to_string(),
+        !current.deny_delete,
+    );
+    Differences(out)
+}
+
+/// Creates stream `wanted.name` when missing; an existing one with other
+/// settings is updated to `wanted` where JetStream allows it, and reported
+/// (which setting, what to do) where it does not.
+pub async fn ensure_stream(
+    js: &Context,
+    wanted: stream::Config,
+) -> Result<stream::Info, StreamSetupError> {
+    let name = wanted.name.clone();
+    let replicas_hint = |reason: &str| {
+        if wanted.num_replicas > 1 && (reason.contains("replicas") || reason.contains("peers")) {
+            "; NATS_STREAM_REPLICAS must not exceed the number of JetStream servers \
+             up in the cluster (1 on a single server); a cluster still forming \
+             answers this too, so a restart may succeed"
+        } else if reason.contains("timed out") {
+            // The server drops a request its user may not publish, so a
+            // missing permission looks like a timeout here.
+            "; if the server answers other requests, this user may lack the \
+             permission for $JS.API.STREAM.CREATE/UPDATE of this stream (see the \
+             server log, and observability/nats/permissions.conf)"
+        } else {
+            ""
+        }
+    };
+    let existing = match js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(err)
+            if matches!(err.kind(), js::context::GetStreamErrorKind::JetStream(ref e)
+                if e.code() == 404) =>
+        {
+            return match js.create_stream(wanted.clone()).await {
+                Ok(stream) => kept(stream.cached_info().clone(), &wanted, "create it"),
+                Err(err) => {
+                    let reason = err.to_string();
+                    Err(StreamSetupError::Refused {
+                        hint: replicas_hint(&reason),
+                        stream: name,
+                        action: "create it",
+                        differences: Differences::default(),
+                        reason,
+                    })
+                }
+            };
+        }
+        Err(err) => {
+            return Err(StreamSetupError::Unreachable {
+                stream: name,
+                reason: err.to_string(),
+            });
+        }
+    };
+    let info = existing.cached_info().clone();
+    let found = differences(&info.config, &wanted);
+    if found.0.is_empty() {
+        return kept(info, &wanted, "use it");
+    }
+    let fixed: Vec<Difference> = found.0.iter().filter(|d| !d.updatable).cloned().collect();
+    if !fixed.is_empty() {
+        return Err(StreamSetupError::Immutable {
+            stream: name,
+            differences: Differences(fixed),
+        });
+    }
+    match js.update_stream(&wanted).await {
+        Ok(updated) => {
+            let updated = kept(updated, &wanted, "update it")?;
+            tracing::info!(stream = %name, changed = %found, "stream settings updated");
+            Ok(updated)
+        }
+        Err(err) => {
+            let reason = err.to_string();
+            Err(StreamSetupError::Refused {
+                hint: replicas_hint(&reason),
+                stream: name,
+                action: "update it",
+                differences: found,
+                reason,
+            })
+        }
+    }
+}
+
+/// Checks that the server kept what it was asked for: a standalone server
+/// accepts `num_replicas: 3` and quietly keeps one replica.
+fn kept(
+    info: stream::Info,
+    wanted: &stream::Config,
+    action: &'static str,
+) -> Result<stream::Info, StreamSetupError> {
+    let mut left = differences(&info.config, wanted);
+    // A server outside a cluster has no RAFT group for the stream: it
+    // records the replica count it was given and keeps one copy.
+    let clustered = info
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.raft_group.is_some() || c.name.is_some());
+    if wanted.num_replicas > 1 && !clustered {
+        left.0.push(Difference {
+            setting: "num_replicas (NATS_STREAM_REPLICAS)",
+            current: "1 (the server is not in a JetStream cluster)".to_owned(),
+            wanted: wanted.num_replicas.to_string(),
+            updatable: false,
+        });
+    }
+    if left.0.is_empty() {
+        return Ok(info);
+    }
+    let single =
+        wanted.num_replicas > 1 && left.0.iter().any(|d| d.setting.starts_with("num_replicas"));
+    Err(StreamSetupError::Refused {
+        stream: wanted.name.clone(),
+        action,
+        differences: left,
+        reason: "the server accepted the request but kept these settings".to_owned(),
+        hint: if single {
+            "; NATS_STREAM_REPLICAS must not exceed the number of JetStream servers \
+             in the cluster (1 on a single server)"
+        } else {
+            ""
+        },
+    })
+}
+
+/// Creates the four streams with `replicas` replicas when missing and brings
+/// existing ones to these settings (or says why not).
+pub async fn ensure_streams(js: &Context, replicas: usize) -> anyhow::Result<()> {
     for def in [RUNS, WORK, EVENTS, DEAD_LETTERS] {
-        js.get_or_create_stream(stream::Config {
-            name: def.name.to_owned(),
-            subjects: def.subjects.iter().map(|s| (*s).to_owned()).collect(),
-            storage: StorageType::File,
-            max_age: MAX_AGE,
-            duplicate_window: DUPLICATE_WINDOW,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating stream {}: {e}", def.name))?;
+        ensure_stream(
+            js,
+            stream::Config {
+                name: def.name.to_owned(),
+                subjects: def.subjects.iter().map(|s| (*s).to_owned()).collect(),
+                storage: StorageType::File,
+                max_age: MAX_AGE,
+                duplicate_window: DUPLICATE_WINDOW,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
     }
     Ok(())
 }
 
 /// Opens key-value bucket `name`, creating it when missing (file storage,
-/// one value per key, entries kept for the stream retention period).
+/// one value per key, entries kept for the stream retention period,
+/// `replicas` replicas); an existing bucket is brought to these settings
+/// like a stream (see [`ensure_stream`]).
 ///
 /// The bucket's stream is created here with the same settings
 /// `create_key_value` would use: that call first queries the account, whose
@@ -141,26 +457,28 @@ pub async fn key_value(
     js: &Context,
     name: &str,
     description: &str,
+    replicas: usize,
 ) -> anyhow::Result<async_nats::jetstream::kv::Store> {
-    if let Ok(store) = js.get_key_value(name).await {
-        return Ok(store);
-    }
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{name}"),
-        description: Some(description.to_owned()),
-        subjects: vec![format!("$KV.{name}.>")],
-        max_messages_per_subject: 1,
-        max_age: MAX_AGE,
-        storage: StorageType::File,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        num_replicas: 1,
-        ..Default::default()
-    })
+    ensure_stream(
+        js,
+        stream::Config {
+            name: format!("KV_{name}"),
+            description: Some(description.to_owned()),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age: MAX_AGE,
+            duplicate_window: DUPLICATE_WINDOW,
+            storage: StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    )
     .await
-    .map_err(|e| anyhow::anyhow!("creating key-value bucket {name}: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("key-value bucket {name}: {e}"))?;
     js.get_key_value(name)
         .await
         .map_err(|e| anyhow::anyhow!("opening key-value bucket {name}: {e}"))

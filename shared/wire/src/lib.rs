@@ -10,10 +10,13 @@
 //!   (`runs.submitted`, `work.<provider>`, `runs.events`).
 //! - [`extensions`]: `ext.<id>` request/reply payloads (router ↔ extension services).
 //! - [`approvals`]: approval decisions (a JetStream key-value bucket).
-//! - [`jetstream`]: the streams, durable consumers, the deduplicated publish
-//!   and the consume loop.
+//! - [`connection`]: the `NATS_*` settings (servers, credentials, TLS,
+//!   stream replicas) every service reads.
+//! - [`jetstream`]: the connection, the streams and buckets (created or
+//!   updated), durable consumers, the deduplicated publish and the consume loop.
 
 pub mod approvals;
+pub mod connection;
 pub mod events;
 pub mod extensions;
 pub mod ids;
