@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use testkit::nats::NatsCluster;
 use testkit::service::ServiceProcess;
 use testkit::stack::{Component, DEMO_KEY, Stack};
 
@@ -27,10 +28,13 @@ pub enum Scenario {
     BrokerKill,
     /// nats-server frozen (SIGSTOP) for 7 s, then SIGCONT.
     BrokerStall,
+    /// A 3-node JetStream cluster, streams with 3 replicas: kill -9 of the
+    /// node leading `BEAMLINE_RUNS`, not restarted.
+    ClusterLeaderKill,
 }
 
 impl Scenario {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::WorkerKill,
         Self::WorkerReplicaKill,
         Self::WorkerReplicaTerm,
@@ -38,6 +42,7 @@ impl Scenario {
         Self::GatewayKill,
         Self::BrokerKill,
         Self::BrokerStall,
+        Self::ClusterLeaderKill,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +54,7 @@ impl Scenario {
             Self::GatewayKill => "gateway-kill",
             Self::BrokerKill => "broker-kill",
             Self::BrokerStall => "broker-stall",
+            Self::ClusterLeaderKill => "cluster-leader-kill",
         }
     }
 
@@ -79,6 +85,18 @@ pub async fn run(
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
+    let mut cluster = if scenario == Scenario::ClusterLeaderKill {
+        let cluster = NatsCluster::start(3).await;
+        stack
+            .extra_env
+            .insert("NATS_URL".to_owned(), cluster.urls());
+        stack
+            .extra_env
+            .insert("NATS_STREAM_REPLICAS".to_owned(), "3".to_owned());
+        Some(cluster)
+    } else {
+        None
+    };
     if store != "sqlite" {
         let url = fresh_postgres_database(store, scenario.name()).await?;
         stack.extra_env.insert("DATABASE_URL".to_owned(), url);
@@ -104,7 +122,7 @@ pub async fn run(
     });
     tokio::time::sleep(fault_at).await;
     let fault = Instant::now();
-    inject(scenario, &mut stack).await;
+    inject(scenario, &mut stack, cluster.as_mut()).await;
     let healed = Instant::now();
     let answers = sending.await?;
     let traffic_end = Instant::now();
@@ -141,7 +159,7 @@ pub async fn run(
     Ok(row)
 }
 
-async fn inject(scenario: Scenario, stack: &mut Stack) {
+async fn inject(scenario: Scenario, stack: &mut Stack, cluster: Option<&mut NatsCluster>) {
     match scenario {
         Scenario::WorkerKill | Scenario::RouterKill | Scenario::GatewayKill => {
             let component = match scenario {
@@ -171,6 +189,16 @@ async fn inject(scenario: Scenario, stack: &mut Stack) {
             stack.nats.pause();
             tokio::time::sleep(Duration::from_secs(7)).await;
             stack.nats.resume();
+        }
+        Scenario::ClusterLeaderKill => {
+            if let Some(cluster) = cluster
+                && let Some(leader) = cluster.stream_leader("BEAMLINE_RUNS").await
+                && let Some(index) = cluster.index_of(&leader)
+            {
+                cluster.nodes[index].stop().await;
+            } else {
+                eprintln!("faults: no leader of BEAMLINE_RUNS found; nothing killed");
+            }
         }
     }
 }
