@@ -22,6 +22,11 @@ pub struct Config {
     pub body_limit: usize,
     /// Most steps in one run.
     pub max_steps: usize,
+    /// `GATEWAY_MAX_INPUT_DEPTH`: how deep a step's `input` may nest (1–126,
+    /// default 32). Above ~100 the services' decoders (serde_json's limit of
+    /// 128, with the message envelopes around the run) may fail on it; a
+    /// larger value exists to test that they end such runs cleanly.
+    pub max_input_depth: usize,
     /// How long a publish waits for JetStream's acknowledgement (the
     /// request's own hand-off, then each republish from the outbox).
     pub publish_timeout: Duration,
@@ -111,6 +116,19 @@ impl Config {
                 .to_owned(),
             body_limit: env::parse_or("GATEWAY_BODY_LIMIT_BYTES", 256 * 1024)?,
             max_steps: env::parse_or("GATEWAY_MAX_STEPS", 100)?,
+            max_input_depth: match env::parse_or(
+                "GATEWAY_MAX_INPUT_DEPTH",
+                wire::step::MAX_INPUT_DEPTH,
+            )? {
+                depth @ 1..=126 => depth,
+                other => {
+                    return Err(EnvError::new(
+                        "GATEWAY_MAX_INPUT_DEPTH",
+                        &other.to_string(),
+                        "must be between 1 and 126",
+                    ));
+                }
+            },
             publish_timeout: Duration::from_millis(env::parse_or(
                 "GATEWAY_PUBLISH_TIMEOUT_MS",
                 5_000,

@@ -19,7 +19,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wire::events::RunEvent;
 use wire::ids::{FlowId, ProviderId, RunId, TenantId};
 use wire::run::{RunStatus, StepResult};
-use wire::step::{FieldError, RawStep, parse_steps};
+use wire::step::{FieldError, RawStep};
 
 use crate::app::AppState;
 use crate::error::ApiError;
@@ -185,7 +185,11 @@ async fn create_inner(
         .map(ProviderId::parse)
         .transpose()
         .map_err(|m| FieldError::new("provider", m))?;
-    let steps = parse_steps(request.steps, state.config.max_steps)?;
+    let steps = wire::step::parse_steps_with_depth(
+        request.steps,
+        state.config.max_steps,
+        state.config.max_input_depth,
+    )?;
 
     let span = tracing::Span::current();
     let run_id = RunId::generate(uuid::Uuid::now_v7());

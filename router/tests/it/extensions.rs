@@ -421,7 +421,9 @@ async fn runs_an_extension_refuses_as_malformed_open_no_breaker() {
     let stack = stack_with(
         include_str!("../../../observability/stack/extensions.yaml"),
         include_str!("../../../observability/stack/policy.yaml"),
-        &[],
+        // The gateway refuses inputs nested over 32 levels by default; let
+        // this one through to show the router's own defence.
+        &[("GATEWAY_MAX_INPUT_DEPTH", "126")],
     )
     .await;
     // Nested just deep enough to pass the gateway and the router but not the

@@ -225,15 +225,24 @@ impl FieldError {
 impl StepSpec {
     /// Parses the step at `index` of the request's `steps`.
     pub fn parse(index: usize, raw: RawStep) -> Result<Self, FieldError> {
+        Self::parse_with_depth(index, raw, MAX_INPUT_DEPTH)
+    }
+
+    /// [`parse`](Self::parse) with another limit on how deep `input` nests.
+    pub fn parse_with_depth(
+        index: usize,
+        raw: RawStep,
+        max_depth: usize,
+    ) -> Result<Self, FieldError> {
         let at = |field: &str| format!("steps[{index}].{field}");
         let id = StepId::parse(raw.id).map_err(|m| FieldError::new(at("id"), m))?;
         let input = raw.input.unwrap_or(Value::Object(Default::default()));
-        if depth(&input) > MAX_INPUT_DEPTH {
+        if depth(&input, max_depth) > max_depth {
             // Every decoder downstream (serde_json's recursion limit of 128,
             // with the envelope around it) must be able to read the run.
             return Err(FieldError::new(
                 at("input"),
-                format!("is nested deeper than {MAX_INPUT_DEPTH} levels"),
+                format!("is nested deeper than {max_depth} levels"),
             ));
         }
         let input_error = |e: serde_json::Error| FieldError::new(at("input"), e.to_string());
@@ -364,7 +373,7 @@ pub const MAX_INPUT_DEPTH: usize = 32;
 
 /// Nesting depth of `value`: 0 for a scalar, without recursion (the input
 /// may be nested far deeper than the stack allows).
-fn depth(value: &Value) -> usize {
+fn depth(value: &Value, max: usize) -> usize {
     let mut deepest = 0;
     let mut stack = vec![(value, 0_usize)];
     while let Some((value, level)) = stack.pop() {
@@ -374,7 +383,7 @@ fn depth(value: &Value) -> usize {
             _ => continue,
         };
         deepest = deepest.max(level + 1);
-        if deepest > MAX_INPUT_DEPTH {
+        if deepest > max {
             return deepest;
         }
         stack.extend(children.map(|child| (child, level + 1)));
@@ -384,6 +393,15 @@ fn depth(value: &Value) -> usize {
 
 /// Parses a run's `steps`: at least one, at most `max`, ids unique.
 pub fn parse_steps(raw: Vec<RawStep>, max: usize) -> Result<Vec<StepSpec>, FieldError> {
+    parse_steps_with_depth(raw, max, MAX_INPUT_DEPTH)
+}
+
+/// [`parse_steps`] with another limit on how deep each step's `input` nests.
+pub fn parse_steps_with_depth(
+    raw: Vec<RawStep>,
+    max: usize,
+    max_depth: usize,
+) -> Result<Vec<StepSpec>, FieldError> {
     if raw.is_empty() {
         return Err(FieldError::new("steps", "must contain at least one step"));
     }
@@ -395,7 +413,7 @@ pub fn parse_steps(raw: Vec<RawStep>, max: usize) -> Result<Vec<StepSpec>, Field
     }
     let mut steps: Vec<StepSpec> = Vec::with_capacity(raw.len());
     for (index, raw) in raw.into_iter().enumerate() {
-        let step = StepSpec::parse(index, raw)?;
+        let step = StepSpec::parse_with_depth(index, raw, max_depth)?;
         if steps.iter().any(|s| s.id == step.id) {
             return Err(FieldError::new(
                 format!("steps[{index}].id"),
