@@ -174,7 +174,7 @@ impl Sanitizer {
             || components(name).any(|c| {
                 SENSITIVE_COMPONENTS
                     .iter()
-                    .any(|s| c.eq_ignore_ascii_case(s))
+                    .any(|s| c.eq_ignore_ascii_case(s.as_bytes()))
             })
     }
 
@@ -330,12 +330,13 @@ fn is_id_name(name: &str) -> bool {
     name.eq_ignore_ascii_case("traceparent")
         || components(name)
             .last()
-            .is_some_and(|last| last.eq_ignore_ascii_case("id"))
+            .is_some_and(|last| last.eq_ignore_ascii_case(b"id"))
 }
 
 /// The components of a name: split at every non-alphanumeric byte and where
-/// camelCase goes from lower to upper (`userPin` → `user`, `Pin`).
-fn components(name: &str) -> impl Iterator<Item = &str> {
+/// camelCase goes from lower to upper (`userPin` → `user`, `Pin`). Bytes,
+/// not `&str`: a non-ASCII name splits inside a character.
+fn components(name: &str) -> impl Iterator<Item = &[u8]> {
     let bytes = name.as_bytes();
     let mut start = 0;
     let mut i = 0;
@@ -349,7 +350,7 @@ fn components(name: &str) -> impl Iterator<Item = &str> {
                     && bytes[at].is_ascii_uppercase()
                     && bytes[at - 1].is_ascii_lowercase());
             if boundary {
-                let piece = &name[start..at];
+                let piece = &bytes[start..at];
                 start = if at < bytes.len() && bytes[at].is_ascii_alphanumeric() {
                     at
                 } else {
@@ -695,6 +696,41 @@ mod tests {
         let s = s();
         let huge = "a".repeat(MAX_SCAN_BYTES + 1);
         assert_eq!(s.scrub(&huge), UNPROCESSABLE);
+    }
+
+    #[test]
+    fn short_names_count_as_whole_components_only() {
+        let s = s();
+        for name in [
+            "pin",
+            "user_pin",
+            "userPin",
+            "auth",
+            "auth.pass",
+            "cvv",
+            "card-cvc",
+            "sig",
+        ] {
+            assert!(s.is_sensitive_name(name), "{name}");
+        }
+        for name in [
+            "mapping", "author", "passed", "shipping", "signal", "spinner",
+        ] {
+            assert!(!s.is_sensitive_name(name), "{name}");
+        }
+        assert!(is_id_name("run.id") && is_id_name("traceId") && is_id_name("spanID"));
+        assert!(!is_id_name("valid") && !is_id_name("idle"));
+    }
+
+    #[test]
+    fn non_ascii_names_and_long_names_are_handled() {
+        let s = s();
+        // Component splitting works on bytes: no panic inside a character.
+        assert_eq!(s.field("clé_é", "x"), "x");
+        assert_eq!(s.field("пароль_pin", "1234"), REDACTED);
+        assert!(!is_id_name("ünïcode"));
+        let long = format!("{}_password", "a".repeat(300));
+        assert!(s.is_sensitive_name(&long));
     }
 
     #[test]
