@@ -191,6 +191,8 @@ export OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://localh
 # The same routing policy, extension registry and extension latency as compose.
 export ROUTER_POLICY_FILE="${ROUTER_POLICY_FILE:-$ROOT/observability/stack/policy.yaml}"
 export ROUTER_EXTENSIONS_FILE="${ROUTER_EXTENSIONS_FILE:-$ROOT/observability/stack/extensions.yaml}"
+# gRPC Decide needs `authorization: Bearer <token>`; the router does not start without one.
+export ROUTER_GRPC_TOKEN="${ROUTER_GRPC_TOKEN:-dev-router-grpc-token}"
 export WORKER_EXT_PRE_LATENCY_MS="${WORKER_EXT_PRE_LATENCY_MS:-150}"
 # Approval steps hold a worker slot while they wait: more slots than the default 8.
 export WORKER_CONCURRENCY="${WORKER_CONCURRENCY:-32}"
@@ -369,7 +371,7 @@ fi
 echo "Beamline dev stack is up (admin ports serve /metrics and /health/ready):"
 printf '  %-13s %-34s %s\n' \
     gateway "API  http://localhost:$GATEWAY_PORT" "admin http://localhost:$GATEWAY_ADMIN" \
-    router "gRPC localhost:$ROUTER_PORT" "admin http://localhost:$ROUTER_ADMIN" \
+    router "gRPC localhost:$ROUTER_PORT" "admin http://localhost:$ROUTER_ADMIN (gRPC: Bearer \$ROUTER_GRPC_TOKEN)" \
     worker "" "admin http://localhost:$WORKER_ADMIN" \
     nats "nats://localhost:$NATS_PORT" ""
 ((!sink)) || printf '  %-13s %-34s %s\n' otlp-sink "OTLP localhost:$OTLP_PORT" \

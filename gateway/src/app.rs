@@ -45,6 +45,7 @@ pub struct App {
     admin_router: Router,
     nats: async_nats::Client,
     context_mode: telemetry::ContextMode,
+    http_limits: telemetry::serve::Limits,
 }
 
 impl App {
@@ -84,6 +85,7 @@ impl App {
             admin_router: telemetry.admin_router(),
             nats,
             context_mode: telemetry.settings.messaging_context,
+            http_limits: telemetry.settings.http,
         })
     }
 
@@ -149,11 +151,12 @@ impl App {
 
         let api = router(self.state.clone());
         let stop = shutdown.clone();
-        let serving = tokio::spawn(async move {
-            axum::serve(self.api, api)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let serving = tokio::spawn(telemetry::serve::serve(
+            self.api,
+            api,
+            self.http_limits,
+            stop.cancelled_owned(),
+        ));
         let stop = shutdown.clone();
         let admin = tokio::spawn(telemetry::admin::serve(
             self.admin,
@@ -189,6 +192,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(crate::ratelimit::AuthFailures::new(
+                state.config.auth_failures,
+            )),
+            crate::auth::throttle_failures,
+        ))
         .layer(axum::middleware::from_fn(http_trace::layer))
         .with_state(state)
 }

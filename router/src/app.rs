@@ -12,9 +12,10 @@ use wire::jetstream::{ConsumeOptions, ConsumerDef};
 use crate::config::Config;
 use crate::decide::{Decider, PolicyStore};
 use crate::dispatch::{self, Dispatcher};
-use crate::events::PolicyReloaded;
+use crate::events::{GrpcPortOpen, PolicyReloaded};
 use crate::extensions::invoker::Invoker;
 use crate::extensions::registry::Registry;
+use crate::grpc::{GrpcAuth, GrpcSettings};
 use crate::health::ProviderHealth;
 use crate::policy::PolicySet;
 
@@ -40,6 +41,15 @@ impl App {
             .await
             .with_context(|| format!("binding ROUTER_GRPC_ADDR {}", config.grpc_addr))?;
         let nats = wire::jetstream::connect(&config.nats_url, "router").await?;
+        // Every accepted `Decide` request must fit in an extension request.
+        // (0: the server has not said; the invoker checks each request too.)
+        let max_payload = nats.server_info().max_payload;
+        if max_payload > 0 && config.grpc_max_request_bytes >= max_payload {
+            anyhow::bail!(
+                "ROUTER_GRPC_MAX_REQUEST_BYTES={} must be below the NATS server's max_payload ({max_payload} bytes)",
+                config.grpc_max_request_bytes
+            );
+        }
         let jetstream = async_nats::jetstream::new(nats.clone());
         wire::jetstream::ensure_streams(&jetstream).await?;
         wire::jetstream::register_health(&telemetry.health, &nats);
@@ -109,9 +119,16 @@ impl App {
             move |message| dispatcher.clone().handle(message),
         ));
         let grpc_addr = self.grpc_addr();
+        if self.config.grpc_auth == GrpcAuth::Open {
+            GrpcPortOpen { addr: &grpc_addr }.emit();
+        }
         let grpc = tokio::spawn(crate::grpc::serve(
             self.grpc,
             self.decider.clone(),
+            GrpcSettings {
+                auth: self.config.grpc_auth.clone(),
+                max_request_bytes: self.config.grpc_max_request_bytes,
+            },
             shutdown.clone(),
         ));
         let admin = tokio::spawn(telemetry::admin::serve(
@@ -133,6 +150,7 @@ impl App {
         tracing::info!(
             admin = %self.config.admin_addr,
             grpc = %grpc_addr,
+            grpc_auth = self.config.grpc_auth.as_str(),
             policy_file = ?self.config.policy_file,
             extensions_file = ?self.config.extensions_file,
             "router started"

@@ -139,6 +139,13 @@ impl Breaker {
         }
     }
 
+    /// Ends a call that says nothing about the callee's health (the request
+    /// itself was refused): no success, no failure; a half-open breaker's
+    /// trial slot is free again for the next call.
+    pub fn release(&mut self) {
+        self.trial = false;
+    }
+
     pub fn on_failure(&mut self, now: Instant) -> Option<Transition> {
         self.trial = false;
         match self.state {
@@ -210,6 +217,29 @@ mod tests {
         );
         assert!(b.rejects_at(Instant::now()));
         assert_eq!(b.try_acquire(Instant::now()), (false, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_call_counts_neither_way() {
+        let mut b = Breaker::new(config());
+        for _ in 0..10 {
+            assert_eq!(b.try_acquire(Instant::now()), (true, None));
+            b.release();
+        }
+        b.on_failure(Instant::now());
+        b.on_failure(Instant::now());
+        assert_eq!(b.state(), State::Closed, "releases are not failures");
+        b.on_failure(Instant::now());
+        advance(Duration::from_secs(5)).await;
+        // Half-open: the released trial frees the slot, the state stays.
+        let (allowed, t) = b.try_acquire(Instant::now());
+        assert!(allowed);
+        assert_eq!(t.map(|t| t.to), Some(State::HalfOpen));
+        assert!(b.rejects_at(Instant::now()), "trial under way");
+        b.release();
+        assert_eq!(b.state(), State::HalfOpen);
+        assert!(!b.rejects_at(Instant::now()));
+        assert_eq!(b.try_acquire(Instant::now()), (true, None));
     }
 
     #[tokio::test(start_paused = true)]

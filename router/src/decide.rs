@@ -1,6 +1,6 @@
 //! One decision, traced: `router.decide` → `router.policy.apply` →
 //! `router.extension.invoke`… → `router.provider.select`. Shared by the
-//! `runs.submitted` consumer and the gRPC `Decide` dry run.
+//! `runs.submitted` consumer and the gRPC `Decide` dry run ([`Mode`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -12,7 +12,7 @@ use wire::extensions::{ExtensionType, Verdict as ExtVerdict};
 use wire::submitted::RunSubmitted;
 use wire::work::DecisionReason;
 
-use crate::events::{RunRejected, RunRouted};
+use crate::events::{DryRunDecided, RunRejected, RunRouted};
 use crate::extensions::invoker::{ExtensionOutcome, Invocation, Invoker};
 use crate::extensions::registry::FailurePolicy;
 use crate::health::ProviderHealth;
@@ -57,6 +57,18 @@ pub struct Outcome {
     pub policy: Arc<Policy>,
 }
 
+/// Whether a decision is for real or only shown to a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A submitted run: counted in the metrics, moves the breakers.
+    Live,
+    /// gRPC `Decide`: the same decision and spans, extensions asked, but no
+    /// breaker state changes and no metric is emitted, so a caller's dry runs
+    /// can neither open a breaker nor take the tenant label slots of the
+    /// cardinality guard (`tenant_id` comes from the caller).
+    DryRun,
+}
+
 pub struct Decider {
     pub policies: PolicyStore,
     pub invoker: Arc<Invoker>,
@@ -66,6 +78,15 @@ pub struct Decider {
 impl Decider {
     /// Decides `run` inside a `router.decide` span (a child of the current span).
     pub async fn decide(&self, run: RunSubmitted) -> Outcome {
+        self.decide_as(run, Mode::Live).await
+    }
+
+    /// Decides `run` as [`Mode::DryRun`]: changes nothing, counts nothing.
+    pub async fn dry_run(&self, run: RunSubmitted) -> Outcome {
+        self.decide_as(run, Mode::DryRun).await
+    }
+
+    async fn decide_as(&self, run: RunSubmitted, mode: Mode) -> Outcome {
         let span = tracing::info_span!(
             "router.decide",
             tenant.id = run.tenant_id.as_str(),
@@ -74,10 +95,11 @@ impl Decider {
             policy.id = Empty,
             provider = Empty,
             decision.reason = Empty,
+            decision.dry_run = mode == Mode::DryRun,
             otel.status_code = Empty,
             error.type = Empty,
         );
-        let outcome = self.decide_in(run).instrument(span.clone()).await;
+        let outcome = self.decide_in(run, mode).instrument(span.clone()).await;
         span.record("policy.id", outcome.policy.id.as_str());
         match &outcome.verdict {
             Verdict::Route { decision, .. } => {
@@ -91,7 +113,7 @@ impl Decider {
         outcome
     }
 
-    async fn decide_in(&self, mut run: RunSubmitted) -> Outcome {
+    async fn decide_in(&self, mut run: RunSubmitted, mode: Mode) -> Outcome {
         let started = Instant::now();
         let policies = self.policies.current();
         // `tenant_id` is bounded by the recorder's cardinality guard
@@ -114,14 +136,22 @@ impl Decider {
         });
         apply.record("rejected", rule.is_some());
         let reject = |reason: String, extensions| {
-            RunRejected {
-                policy_id: &policy.id,
-                reason: &reason,
-                tenant_label: &tenant_label,
-                decision_time: started.elapsed(),
-                policy_time,
+            match mode {
+                Mode::Live => RunRejected {
+                    policy_id: &policy.id,
+                    reason: &reason,
+                    tenant_label: &tenant_label,
+                    decision_time: started.elapsed(),
+                    policy_time,
+                }
+                .emit(),
+                Mode::DryRun => DryRunDecided {
+                    policy_id: &policy.id,
+                    provider: None,
+                    reason: DecisionReason::Rejected.as_str(),
+                }
+                .emit(),
             }
-            .emit();
             Outcome {
                 verdict: Verdict::Reject {
                     policy_id: policy.id.clone(),
@@ -142,18 +172,13 @@ impl Decider {
             if self.invoker.registry().kind_of(id).await == Some(ExtensionType::Post) {
                 continue;
             }
-            let outcome = self
-                .invoker
-                .invoke(
-                    id,
-                    &Invocation {
-                        run: &run,
-                        metadata: &metadata,
-                        policy_id: &policy.id,
-                        dispatched: None,
-                    },
-                )
-                .await;
+            let invocation = Invocation {
+                run: &run,
+                metadata: &metadata,
+                policy_id: &policy.id,
+                dispatched: None,
+            };
+            let outcome = self.invoker.invoke_as(id, &invocation, mode).await;
             let refusal = match (&outcome.response, outcome.kind) {
                 (None, _) => match outcome.failure_policy {
                     FailurePolicy::FailOpen => None,
@@ -206,13 +231,21 @@ impl Decider {
         select.record("provider", decision.provider.as_str());
         select.record("decision.reason", decision.reason.as_str());
         select.record("decision.degraded", decision.degraded);
-        RunRouted {
-            decision: &decision,
-            tenant_label: &tenant_label,
-            decision_time: started.elapsed(),
-            policy_time,
+        match mode {
+            Mode::Live => RunRouted {
+                decision: &decision,
+                tenant_label: &tenant_label,
+                decision_time: started.elapsed(),
+                policy_time,
+            }
+            .emit(),
+            Mode::DryRun => DryRunDecided {
+                policy_id: &decision.policy_id,
+                provider: Some(decision.provider.as_str()),
+                reason: decision.reason.as_str(),
+            }
+            .emit(),
         }
-        .emit();
         Outcome {
             verdict: Verdict::Route {
                 decision,

@@ -1,16 +1,23 @@
 //! The gRPC API on `ROUTER_GRPC_ADDR`: `beamline.router.v1.Router/Decide` (a
-//! dry-run decision) and the standard `grpc.health.v1.Health` service. Trace
-//! context comes from the request metadata; each call gets a SERVER span per
-//! the RPC semantic conventions.
+//! dry-run decision) and the standard `grpc.health.v1.Health` service.
+//!
+//! `Decide` needs `authorization: Bearer <ROUTER_GRPC_TOKEN>` ([`auth`]), is
+//! refused over `ROUTER_GRPC_MAX_REQUEST_BYTES` before it is decoded, and
+//! changes nothing: no breaker moves and no production metric counts it
+//! ([`Decider::dry_run`]). Health stays open: it answers SERVING or
+//! NOT_SERVING and nothing else, and orchestrators' gRPC probes cannot send
+//! a token. Each `Decide` call gets a SERVER span ([`traced`]) continuing
+//! the trace context of the request metadata.
+
+mod auth;
+mod traced;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
-use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tonic::service::interceptor::InterceptedService;
 use wire::ids::{FlowId, ProviderId, RunId, TenantId};
 use wire::step::RawStep;
 use wire::submitted::RunSubmitted;
@@ -19,8 +26,10 @@ use crate::decide::{Decider, Verdict};
 
 include!(concat!(env!("OUT_DIR"), "/beamline.router.v1.Router.rs"));
 
+pub use auth::GrpcAuth;
 pub use router_client::RouterClient;
 pub use router_server::{Router, RouterServer};
+pub use traced::{code_name, is_server_error};
 
 /// The most steps a `Decide` request may carry (as the gateway's limit).
 const MAX_STEPS: usize = 100;
@@ -82,8 +91,6 @@ pub struct DecideService {
     pub decider: Arc<Decider>,
 }
 
-const SERVICE: &str = "beamline.router.v1.Router";
-
 /// Turns the request into the run a `runs.submitted` message would carry;
 /// the error names the field at fault.
 fn parse_request(request: DecideRequest) -> Result<RunSubmitted, tonic::Status> {
@@ -123,42 +130,16 @@ impl Router for DecideService {
         &self,
         request: tonic::Request<DecideRequest>,
     ) -> Result<tonic::Response<DecideResponse>, tonic::Status> {
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = format!("{SERVICE}/Decide"),
-            otel.kind = "server",
-            otel.status_code = Empty,
-            error.type = Empty,
-            rpc.system = "grpc",
-            rpc.service = SERVICE,
-            rpc.method = "Decide",
-            rpc.grpc.status_code = Empty,
-            tenant.id = Empty,
-            run.id = Empty,
-            flow.id = Empty,
-        );
-        let headers = request.metadata().clone().into_headers();
-        // Fails only when tracing is off: nothing to continue then.
-        let _ = span.set_parent(telemetry::propagation::extract_http(&headers));
-        let result: Result<DecideResponse, tonic::Status> = async {
-            let run = parse_request(request.into_inner())?;
-            let current = tracing::Span::current();
-            current.record("tenant.id", run.tenant_id.as_str());
-            current.record("run.id", run.run_id.as_str());
-            current.record("flow.id", run.flow_id.as_str());
-            Ok(response(self.decider.decide(run).await))
-        }
-        .instrument(span.clone())
-        .await;
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(status) => status.code(),
-        };
-        span.record("rpc.grpc.status_code", code as i64);
-        if let Err(status) = &result {
-            telemetry::spans::record_error(&span, "invalid_argument", status.message());
-        }
-        result.map(tonic::Response::new)
+        // The SERVER span (`traced`) is current; its status is set from the
+        // answer the client gets.
+        let run = parse_request(request.into_inner())?;
+        let span = tracing::Span::current();
+        span.record("tenant.id", run.tenant_id.as_str());
+        span.record("run.id", run.run_id.as_str());
+        span.record("flow.id", run.flow_id.as_str());
+        Ok(tonic::Response::new(response(
+            self.decider.dry_run(run).await,
+        )))
     }
 }
 
@@ -213,10 +194,19 @@ fn response(outcome: crate::decide::Outcome) -> DecideResponse {
     }
 }
 
+/// How the `Decide` port is guarded.
+#[derive(Debug, Clone)]
+pub struct GrpcSettings {
+    pub auth: GrpcAuth,
+    /// Larger requests are refused (RESOURCE_EXHAUSTED) before they are decoded.
+    pub max_request_bytes: usize,
+}
+
 /// Serves `Decide` and `grpc.health.v1` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     decider: Arc<Decider>,
+    settings: GrpcSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -228,9 +218,20 @@ pub async fn serve(
             .set_not_serving::<RouterServer<DecideService>>()
             .await;
     };
+    let auth = Arc::new(settings.auth);
+    // The interceptor runs on the metadata, before the body is decoded.
+    let authenticate = move |request: tonic::Request<()>| {
+        auth.check(request.metadata())?;
+        Ok(request)
+    };
+    let decide = RouterServer::new(DecideService { decider })
+        .max_decoding_message_size(settings.max_request_bytes);
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(RouterServer::new(DecideService { decider }))
+        .add_service(traced::Traced::new(InterceptedService::new(
+            decide,
+            authenticate,
+        )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             stopping,

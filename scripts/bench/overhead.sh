@@ -80,6 +80,7 @@ run_mode() {
         "$BIN/gateway" >"$dir/gateway.log" 2>&1 &
     local gateway=$!
     env "${common[@]}" ROUTER_ADMIN_ADDR=127.0.0.1:29101 ROUTER_GRPC_ADDR=127.0.0.1:29100 \
+        ROUTER_GRPC_TOKEN=bench-router-grpc-token \
         "$BIN/router" >"$dir/router.log" 2>&1 &
     local router=$!
     env "${common[@]}" WORKER_ADMIN_ADDR=127.0.0.1:29192 WORKER_CONCURRENCY=64 \

@@ -8,4 +8,5 @@ mod front_door;
 mod fuzz;
 mod hygiene;
 mod process;
+mod security;
 mod traces_pipeline;

@@ -1,5 +1,14 @@
 //! Calls `ext.<id>` over NATS request/reply: per-extension timeout, retries
 //! with exponential backoff and jitter, and a circuit breaker per extension.
+//!
+//! The breaker counts what says something about the extension's health:
+//! timeouts, service errors, no responders, undecodable answers. A request
+//! that could never succeed because of the run itself (too large for a NATS
+//! message, or refused by the service as a bad request, a 4xx) ends the
+//! invocation without a retry and without touching the breaker: one caller's
+//! oversized or malformed run must not open a breaker for every tenant. A
+//! dry run ([`Mode::DryRun`]) reads the breaker but never changes it, and
+//! emits no metric.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -16,6 +25,7 @@ use wire::submitted::RunSubmitted;
 
 use super::registry::{ExtensionSpec, FailurePolicy, Lookup, Registry};
 use crate::breaker::{Breaker, State, Transition};
+use crate::decide::Mode;
 use crate::events::{BreakerCall, BreakerTransitioned, ExtensionInvoked, ExtensionRetried};
 
 /// How an invocation ended: the `status` label and `extension.status`.
@@ -30,6 +40,10 @@ pub enum Status {
     CircuitOpen,
     /// The registry does not know the id.
     NotFound,
+    /// The request is over the NATS server's max payload: not sent.
+    RequestTooLarge,
+    /// The service refused the request as malformed (a 4xx service error).
+    BadRequest,
 }
 
 impl Status {
@@ -41,6 +55,8 @@ impl Status {
             Self::MaxRetriesExceeded => "max_retries_exceeded",
             Self::CircuitOpen => "circuit_open",
             Self::NotFound => "not_found",
+            Self::RequestTooLarge => "request_too_large",
+            Self::BadRequest => "bad_request",
         }
     }
 }
@@ -84,6 +100,8 @@ pub struct Invoker {
 enum AttemptError {
     Timeout,
     Error(String),
+    /// The service answered with a 4xx: the request, not the service, is at fault.
+    BadRequest(String),
 }
 
 impl Invoker {
@@ -110,6 +128,16 @@ impl Invoker {
         f(breaker)
     }
 
+    /// Whether the extension's breaker would refuse a call now (never when
+    /// it was never called), without changing it.
+    fn breaker_rejects(&self, id: &str) -> bool {
+        self.breakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .is_some_and(|b| b.rejects_at(Instant::now()))
+    }
+
     /// The breaker state of an extension (closed when never called).
     pub fn breaker_state(&self, id: &str) -> State {
         self.breakers
@@ -121,6 +149,16 @@ impl Invoker {
 
     /// Calls extension `id` inside a `router.extension.invoke` CLIENT span.
     pub async fn invoke(&self, id: &str, invocation: &Invocation<'_>) -> ExtensionOutcome {
+        self.invoke_as(id, invocation, Mode::Live).await
+    }
+
+    /// [`invoke`](Self::invoke), for real or as a dry run.
+    pub async fn invoke_as(
+        &self,
+        id: &str,
+        invocation: &Invocation<'_>,
+        mode: Mode,
+    ) -> ExtensionOutcome {
         let run = invocation.run;
         let span = tracing::info_span!(
             "router.extension.invoke",
@@ -143,7 +181,7 @@ impl Invoker {
         );
         let started = std::time::Instant::now();
         let outcome = self
-            .invoke_in_span(id, invocation, &span)
+            .invoke_in_span(id, invocation, mode, &span)
             .instrument(span.clone())
             .await;
         span.record("extension.status", outcome.status.as_str());
@@ -162,7 +200,9 @@ impl Invoker {
             elapsed: started.elapsed(),
             ..outcome
         };
-        ExtensionInvoked { outcome: &outcome }.emit();
+        if mode == Mode::Live {
+            ExtensionInvoked { outcome: &outcome }.emit();
+        }
         outcome
     }
 
@@ -170,9 +210,16 @@ impl Invoker {
         &self,
         id: &str,
         invocation: &Invocation<'_>,
+        mode: Mode,
         span: &tracing::Span,
     ) -> ExtensionOutcome {
-        let spec = match self.registry.lookup(id).await {
+        // A dry run reads the cache as it is: a lookup would count in the
+        // registry metrics (and may re-read the file).
+        let lookup = match mode {
+            Mode::Live => self.registry.lookup(id).await,
+            Mode::DryRun => self.registry.cached(id).await,
+        };
+        let spec = match lookup {
             Lookup::Found(spec) => spec,
             Lookup::NotFound | Lookup::Error => {
                 return ExtensionOutcome {
@@ -208,10 +255,31 @@ impl Invoker {
             response,
             elapsed: Duration::ZERO,
         };
+        // 0 until the server's INFO arrived: then the publish itself decides.
+        let max_payload = self.nats.server_info().max_payload;
+        if max_payload > 0 && request.len() > max_payload {
+            span.add_event(
+                "extension.request_too_large",
+                vec![
+                    KeyValue::new("messaging.message.body.size", request.len() as i64),
+                    KeyValue::new("messaging.nats.max_payload", max_payload as i64),
+                ],
+            );
+            return outcome(Status::RequestTooLarge, 0, None);
+        }
         let mut last_error = Status::Error;
         for attempt in 0..=spec.retries {
-            let (allowed, transition) = self.with_breaker(&spec, |b| b.try_acquire(Instant::now()));
-            self.transitioned(&spec.id, transition, span);
+            let allowed = match mode {
+                Mode::Live => {
+                    let (allowed, transition) =
+                        self.with_breaker(&spec, |b| b.try_acquire(Instant::now()));
+                    self.transitioned(&spec.id, transition, span);
+                    allowed
+                }
+                // What a live call would find, without taking the half-open
+                // trial or creating a breaker.
+                Mode::DryRun => !self.breaker_rejects(&spec.id),
+            };
             if !allowed {
                 let status = if attempt == 0 {
                     Status::CircuitOpen
@@ -223,28 +291,50 @@ impl Invoker {
             let tenant = invocation.run.tenant_id.as_str();
             match self.attempt(&spec, request.clone(), tenant, span).await {
                 Ok(response) => {
-                    let transition = self.with_breaker(&spec, |b| b.on_success(Instant::now()));
-                    BreakerCall {
-                        extension_id: &spec.id,
-                        success: true,
+                    if mode == Mode::Live {
+                        let transition = self.with_breaker(&spec, |b| b.on_success(Instant::now()));
+                        BreakerCall {
+                            extension_id: &spec.id,
+                            success: true,
+                        }
+                        .emit();
+                        self.transitioned(&spec.id, transition, span);
                     }
-                    .emit();
-                    self.transitioned(&spec.id, transition, span);
                     return outcome(Status::Success, attempt, Some(response));
                 }
-                Err(err) => {
-                    let transition = self.with_breaker(&spec, |b| b.on_failure(Instant::now()));
-                    BreakerCall {
-                        extension_id: &spec.id,
-                        success: false,
+                Err(AttemptError::BadRequest(message)) => {
+                    // Says nothing about the service's health; a retry would
+                    // be refused the same way.
+                    if mode == Mode::Live {
+                        self.with_breaker(&spec, |b| b.release());
                     }
-                    .emit();
-                    self.transitioned(&spec.id, transition, span);
+                    span.add_event(
+                        "extension.attempt_failed",
+                        vec![
+                            KeyValue::new("attempt", i64::from(attempt) + 1),
+                            KeyValue::new("error.type", Status::BadRequest.as_str()),
+                            KeyValue::new("exception.message", message),
+                        ],
+                    );
+                    return outcome(Status::BadRequest, attempt, None);
+                }
+                Err(err) => {
+                    if mode == Mode::Live {
+                        let transition = self.with_breaker(&spec, |b| b.on_failure(Instant::now()));
+                        BreakerCall {
+                            extension_id: &spec.id,
+                            success: false,
+                        }
+                        .emit();
+                        self.transitioned(&spec.id, transition, span);
+                    }
                     let (status, reason, message) = match err {
                         AttemptError::Timeout => {
                             (Status::Timeout, "timeout", "timed out".to_owned())
                         }
-                        AttemptError::Error(message) => (Status::Error, "error", message),
+                        AttemptError::Error(message) | AttemptError::BadRequest(message) => {
+                            (Status::Error, "error", message)
+                        }
                     };
                     last_error = status;
                     span.add_event(
@@ -256,11 +346,13 @@ impl Invoker {
                         ],
                     );
                     if attempt < spec.retries {
-                        ExtensionRetried {
-                            spec: &spec,
-                            reason,
+                        if mode == Mode::Live {
+                            ExtensionRetried {
+                                spec: &spec,
+                                reason,
+                            }
+                            .emit();
                         }
-                        .emit();
                         tokio::time::sleep(backoff(&spec, attempt)).await;
                     }
                 }
@@ -312,10 +404,12 @@ impl Invoker {
                     .get(async_nats::service::NATS_SERVICE_ERROR_CODE)
                     .map(|c| c.as_str().to_owned())
                     .unwrap_or_default();
-                return Err(AttemptError::Error(format!(
-                    "service error {code}: {}",
-                    error.as_str()
-                )));
+                let message = format!("service error {code}: {}", error.as_str());
+                return Err(if is_client_error(&code) {
+                    AttemptError::BadRequest(message)
+                } else {
+                    AttemptError::Error(message)
+                });
             }
         }
         ExtensionResponse::decode(&spec.subject, &reply.payload)
@@ -339,6 +433,13 @@ impl Invoker {
             .emit();
         }
     }
+}
+
+/// A NATS service error code in 400..=499: the service refused the request.
+fn is_client_error(code: &str) -> bool {
+    code.trim()
+        .parse::<u16>()
+        .is_ok_and(|c| (400..500).contains(&c))
 }
 
 fn verdict_name(response: &ExtensionResponse) -> &'static str {

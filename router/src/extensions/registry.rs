@@ -206,6 +206,15 @@ impl Registry {
         self.cache.lock().await.entries.get(id).map(|s| s.kind)
     }
 
+    /// Resolves `id` from the cache as it is: no span, no metric, no
+    /// re-read (what a dry run uses, so it counts nowhere).
+    pub async fn cached(&self, id: &str) -> Lookup {
+        match self.cache.lock().await.entries.get(id) {
+            Some(spec) => Lookup::Found(spec.clone()),
+            None => Lookup::NotFound,
+        }
+    }
+
     /// Reads the file now (on SIGHUP), replacing the cache when it is valid.
     pub async fn reload(&self) -> Result<(), PolicyError> {
         let mut cache = self.cache.lock().await;

@@ -2,6 +2,8 @@
 //! extension retried until its breaker opens, and the failure policies —
 //! checked in the run, the metrics and the spans.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use testkit::stack::{ACME_KEY, Component, DEMO_KEY, Stack, sample_run};
 
@@ -400,4 +402,135 @@ async fn a_timing_out_extension_is_retried_then_its_breaker_opens() {
     let decide = by_id(&spans, invoke.parent_span_id.as_deref()).expect("parent");
     assert_eq!(decide.name, "router.decide");
     assert_eq!(decide.attr("decision.reason"), Some("rejected"));
+}
+
+/// A run whose `http` body nests `depth` arrays.
+fn nested_run(depth: usize) -> Value {
+    let body: Value = serde_json::from_str(&format!("{}1{}", "[".repeat(depth), "]".repeat(depth)))
+        .expect("nested JSON");
+    json!({
+        "flow_id": "nested",
+        "steps": [{"id": "a", "type": "http", "input": {"url": "http://localhost/x", "body": body}}]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_an_extension_refuses_as_malformed_open_no_breaker() {
+    // The compose stack's registry and policy: `pii-guard` fails closed,
+    // retries once and opens after 5 failures.
+    let stack = stack_with(
+        include_str!("../../../observability/stack/extensions.yaml"),
+        include_str!("../../../observability/stack/policy.yaml"),
+        &[],
+    )
+    .await;
+    // Nested just deep enough to pass the gateway and the router but not the
+    // extension service's decoder (its request wraps the run one level
+    // deeper): the service answers 400, the request's fault.
+    let mut nested = Vec::new();
+    for _ in 0..4 {
+        let accepted = stack.submit_ok(&nested_run(122)).await;
+        let id = accepted["run_id"].as_str().expect("run id").to_owned();
+        nested.push(wait_terminal_as(&stack, DEMO_KEY, &id).await);
+    }
+    // Real runs still pass the guard.
+    let clean = stack.submit_ok(&sample_run()).await;
+    let run = wait_terminal_as(&stack, DEMO_KEY, clean["run_id"].as_str().expect("id")).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    for run in &nested {
+        assert_eq!(run["status"], "rejected", "{run}");
+        assert_eq!(
+            run["error"],
+            "extension pii-guard could not be consulted (bad_request) and its failure policy is fail_closed",
+            "{run}"
+        );
+    }
+    let router = stack.scrape(Component::Router).await;
+    let pii = |extra: &[(&'static str, &'static str)]| {
+        let mut labels = vec![("extension_id", "pii-guard")];
+        labels.extend_from_slice(extra);
+        labels
+    };
+    assert_eq!(
+        sample(
+            &router,
+            "router_extension_invocations_total",
+            &pii(&[("status", "bad_request")])
+        ),
+        Some(4.0),
+        "{router}"
+    );
+    assert_eq!(
+        sample(
+            &router,
+            "router_extension_circuit_breaker_failure_total",
+            &pii(&[])
+        ),
+        None,
+        "{router}"
+    );
+    assert_eq!(
+        sample(&router, "router_extension_retries_total", &pii(&[])),
+        None,
+        "not retried: {router}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_too_large_for_nats_is_not_sent_and_opens_no_breaker() {
+    use router::breaker::State;
+    use router::extensions::invoker::{Invocation, Invoker, Status};
+    use router::extensions::registry::{self, Registry};
+
+    let nats = testkit::nats::NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    // A responder that would allow anything: the request must never reach it.
+    let mut requests = client.subscribe("ext.guard").await.expect("subscribe");
+    let specs = registry::parse(
+        "extensions:\n  - {id: guard, type: validator, retries: 2, failure_policy: fail_closed, \
+         breaker: {failures: 1, window_secs: 60, cooldown_secs: 600}}\n",
+    )
+    .expect("registry");
+    let invoker = Invoker::new(
+        client.clone(),
+        std::sync::Arc::new(Registry::new(None, Duration::from_secs(60), specs)),
+    );
+    let max_payload = client.server_info().max_payload;
+    let raw = serde_json::from_value(json!([
+        {"id": "a", "type": "fail", "input": {"message": "x".repeat(max_payload), "probability": 0.0}}
+    ]))
+    .expect("steps");
+    let steps = wire::step::parse_steps(raw, 100).expect("valid steps");
+    let run = wire::submitted::RunSubmitted {
+        run_id: wire::ids::RunId::parse("r-1".to_owned()).expect("id"),
+        tenant_id: wire::ids::TenantId::parse("demo".to_owned()).expect("id"),
+        flow_id: wire::ids::FlowId::parse("f".to_owned()).expect("id"),
+        steps,
+        provider: None,
+        submitted_at: time::OffsetDateTime::now_utc(),
+    };
+    let metadata = Default::default();
+    let invocation = Invocation {
+        run: &run,
+        metadata: &metadata,
+        policy_id: "default",
+        dispatched: None,
+    };
+    for _ in 0..3 {
+        let outcome = invoker.invoke("guard", &invocation).await;
+        assert_eq!(outcome.status, Status::RequestTooLarge);
+        assert_eq!(outcome.retries_used, 0);
+        assert!(outcome.response.is_none());
+    }
+    assert_eq!(invoker.breaker_state("guard"), State::Closed);
+    client.flush().await.expect("flush");
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(200),
+            futures::StreamExt::next(&mut requests)
+        )
+        .await
+        .is_err(),
+        "nothing was sent"
+    );
 }

@@ -8,7 +8,7 @@ use router::grpc::{DecideRequest, RouterClient};
 use testkit::service::ServiceProcess;
 use testkit::stack::{Component, Stack};
 
-use crate::support::{file_setting, wait_metric};
+use crate::support::{authed, file_setting, wait_metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_policy_file_stops_the_router_at_start() {
@@ -53,13 +53,13 @@ async fn provider_now(endpoint: &str) -> String {
         .await
         .expect("connect");
     client
-        .decide(DecideRequest {
+        .decide(authed(DecideRequest {
             tenant_id: "demo".to_owned(),
             flow_id: "f".to_owned(),
             steps_json: r#"[{"id":"a","type":"noop"}]"#.to_owned(),
             provider: None,
             run_id: String::new(),
-        })
+        }))
         .await
         .expect("decide")
         .into_inner()

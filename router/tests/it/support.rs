@@ -7,6 +7,18 @@ use serde_json::Value;
 use testkit::otlp::CollectedSpan;
 use testkit::stack::{Component, Stack};
 
+/// `message` as a gRPC request carrying the stack's `ROUTER_GRPC_TOKEN`.
+pub fn authed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", testkit::stack::ROUTER_GRPC_TOKEN)
+            .parse()
+            .expect("metadata"),
+    );
+    request
+}
+
 /// Writes `text` as `name` in the stack's directory and points `var` at it.
 pub fn file_setting(stack: &mut Stack, var: &str, name: &str, text: &str) -> std::path::PathBuf {
     let path = stack.dir.path().join(name);

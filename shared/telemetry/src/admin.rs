@@ -41,15 +41,23 @@ pub fn router(health: Health, metrics: Option<MetricsHandle>, token: Option<Stri
     })
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// The process's HTTP limits, set once by [`crate::init`] from `HTTP_*`.
+static LIMITS: std::sync::OnceLock<crate::serve::Limits> = std::sync::OnceLock::new();
+
+pub(crate) fn set_limits(limits: crate::serve::Limits) {
+    let _ = LIMITS.set(limits);
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, with the
+/// process's HTTP limits ([`crate::serve`]): silent or idle connections are
+/// closed, their number capped, and shutdown drains for a bounded time.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = LIMITS.get().copied().unwrap_or_default();
+    crate::serve::serve(listener, router, limits, shutdown).await
 }
 
 async fn live() -> Response {

@@ -17,6 +17,7 @@
 //! - [`messaging`]: `send`/`process` spans for NATS.
 //! - [`spans`]: marking a span as failed.
 //! - [`health`], [`admin`]: readiness checks and the admin HTTP server.
+//! - [`serve`]: the HTTP listener loop of every port (timeouts, connection cap, bounded drain).
 //! - [`events`]: telemetry events shared by every component.
 //! - [`process`]: the binary skeleton (runtime, signals, flush order).
 
@@ -33,6 +34,7 @@ pub mod process;
 pub mod propagation;
 pub mod sampling;
 pub mod sanitize;
+pub mod serve;
 pub mod span_sanitizer;
 pub mod spans;
 mod traces;
@@ -96,6 +98,9 @@ pub struct Settings {
     /// `TELEMETRY_KNOWN_TENANTS` and `TELEMETRY_TENANT_LABEL_LIMIT`, and the
     /// per-metric series cap `TELEMETRY_MAX_SERIES_PER_METRIC`.
     pub cardinality: cardinality::CardinalityLimits,
+    /// `HTTP_HEADER_TIMEOUT_MS`, `HTTP_MAX_CONNECTIONS`, `HTTP_DRAIN_SECS`:
+    /// the limits of every listening port.
+    pub http: serve::Limits,
 }
 
 impl std::fmt::Debug for cardinality::CardinalityLimits {
@@ -143,7 +148,7 @@ impl Settings {
                     patterns
                 }
             },
-            metrics_auth_token: env::raw("METRICS_AUTH_TOKEN"),
+            metrics_auth_token: metrics_auth_token()?,
             cardinality: cardinality::CardinalityLimits {
                 known_tenants: env::raw("TELEMETRY_KNOWN_TENANTS")
                     .map(|v| {
@@ -156,7 +161,27 @@ impl Settings {
                 tenant_limit: env::parse_or("TELEMETRY_TENANT_LABEL_LIMIT", 50)?,
                 max_series_per_metric: env::parse_or("TELEMETRY_MAX_SERIES_PER_METRIC", 1_000)?,
             },
+            http: serve::Limits::from_env()?,
         })
+    }
+}
+
+/// `METRICS_AUTH_TOKEN`: unset means `/metrics` is open; set but blank is
+/// refused, since it would silently leave `/metrics` open to an operator who
+/// meant to protect it.
+fn metrics_auth_token() -> Result<Option<String>, EnvError> {
+    const VAR: &str = "METRICS_AUTH_TOKEN";
+    match std::env::var(VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(EnvError::new(VAR, "<not UTF-8>", "must be printable text"))
+        }
+        Ok(token) if token.trim().is_empty() => Err(EnvError::new(
+            VAR,
+            &token,
+            "is blank; set a token, or unset the variable to serve /metrics without one",
+        )),
+        Ok(token) => Ok(Some(token)),
     }
 }
 
@@ -189,6 +214,7 @@ pub fn init(info: &ServiceInfo, settings: Settings) -> anyhow::Result<Telemetry>
         anyhow::bail!("telemetry::init needs the multi-thread Tokio runtime");
     }
     events::set_component(info.component);
+    admin::set_limits(settings.http);
     sanitize::install(
         sanitize::Sanitizer::new(&settings.redact_fields, &settings.redact_patterns)
             .map_err(|e| anyhow::anyhow!("TELEMETRY_REDACT_PATTERNS: {e}"))?,

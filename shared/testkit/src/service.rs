@@ -12,12 +12,21 @@ use tokio::process::{Child, Command};
 /// The path of a workspace binary. `cargo test --workspace` builds every
 /// member's binaries before any test runs; they sit next to the `deps/`
 /// folder that holds the test executable.
+/// A tool built in the same profile (e.g. `target/debug/faults`) finds them
+/// beside itself; `BEAMLINE_BIN_DIR` overrides both.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory");
+    let dir = match std::env::var_os("BEAMLINE_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            let parent = exe.parent().expect("executable directory");
+            if parent.file_name().is_some_and(|n| n == "deps") {
+                parent.parent().expect("target directory").to_path_buf()
+            } else {
+                parent.to_path_buf()
+            }
+        }
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),

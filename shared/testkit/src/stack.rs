@@ -12,6 +12,8 @@ use serde_json::Value;
 
 pub const DEMO_KEY: &str = "demo-key";
 pub const ACME_KEY: &str = "acme-key-1";
+/// `ROUTER_GRPC_TOKEN` of the router the stack starts (`authorization: Bearer …`).
+pub const ROUTER_GRPC_TOKEN: &str = "test-router-grpc-token";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Component {
@@ -136,6 +138,7 @@ impl Stack {
                     "ROUTER_GRPC_ADDR",
                     format!("127.0.0.1:{}", self.ports.router_grpc),
                 ),
+                ("ROUTER_GRPC_TOKEN", ROUTER_GRPC_TOKEN.to_owned()),
             ],
             Component::Worker => vec![
                 (

@@ -21,6 +21,14 @@ fn check_ident(value: &str, max: usize, punct: &str) -> Result<(), String> {
             "contains {c:?}; only letters, digits and `{punct}` are allowed"
         ));
     }
+    // Ids are tokens of subjects and JetStream KV keys (`<run_id>.<step_id>`),
+    // where a `.` separates tokens and an empty token is invalid.
+    if punct.contains('.') && value.split('.').any(str::is_empty) {
+        return Err(
+            "must not start or end with `.` or contain `..` (dot-separated parts must not be empty)"
+                .to_owned(),
+        );
+    }
     Ok(())
 }
 
@@ -65,8 +73,9 @@ macro_rules! ident {
 }
 
 ident!(
-    /// A run's id: a UUIDv7 assigned by the gateway (time-ordered).
-    RunId, 64, "_-.:"
+    /// A run's id: a UUIDv7 assigned by the gateway (time-ordered). Part of
+    /// JetStream KV keys, hence no `:` (KV keys allow `-/_=.` only).
+    RunId, 64, "_-."
 );
 ident!(
     /// A tenant's id, from the API key configuration.
@@ -116,5 +125,45 @@ mod tests {
                 .contains("64")
         );
         assert!(serde_json::from_str::<StepId>("\"a/b\"").is_err());
+    }
+
+    /// What JetStream requires of a KV key (async-nats's `is_valid_key` plus
+    /// the server's rule that no subject token is empty).
+    fn valid_kv_key(key: &str) -> bool {
+        !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-/_=.".contains(c))
+            && key.split('.').all(|token| !token.is_empty())
+    }
+
+    #[test]
+    fn ids_with_empty_dot_tokens_are_refused() {
+        for bad in ["a.", ".a", "a..b", ".", "..", "a.b."] {
+            for result in [
+                StepId::parse(bad).map(|_| ()),
+                RunId::parse(bad).map(|_| ()),
+                TenantId::parse(bad).map(|_| ()),
+                FlowId::parse(bad).map(|_| ()),
+            ] {
+                let message = result.expect_err(bad);
+                assert!(message.contains("`..`"), "{bad:?}: {message}");
+            }
+        }
+        assert!(StepId::parse("a.b-c_d").is_ok());
+        assert!(RunId::parse("run:1").is_err());
+    }
+
+    proptest::proptest! {
+        /// Every accepted run and step id makes a valid approval key and
+        /// progress key: what the gateway accepts, JetStream takes.
+        #[test]
+        fn accepted_ids_make_valid_kv_keys(run in "[a-z0-9._:-]{1,12}", step in "[a-z0-9._:-]{1,12}") {
+            if let (Ok(run), Ok(step)) = (RunId::parse(run), StepId::parse(step)) {
+                let key = crate::approvals::key(&run, &step);
+                proptest::prop_assert!(valid_kv_key(&key), "{}", key);
+                proptest::prop_assert!(valid_kv_key(run.as_str()), "{}", run);
+            }
+        }
     }
 }
