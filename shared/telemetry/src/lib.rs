@@ -250,18 +250,13 @@ pub fn init(info: &ServiceInfo, settings: Settings) -> anyhow::Result<Telemetry>
             .with_level(true)
             .with_filter(span_filter())
     });
-    let json_layer = (settings.log_format == LogFormat::Json)
-        .then(|| logs::JsonLogLayer::stdout().with_filter(EnvFilter::new(&settings.log_filter)));
-    let pretty_layer = (settings.log_format == LogFormat::Pretty).then(|| {
-        tracing_subscriber::fmt::layer()
-            .pretty()
-            .with_writer(logs::SanitizedStdout)
-            .with_filter(EnvFilter::new(&settings.log_filter))
-    });
     tracing_subscriber::registry()
         .with(otel_layer)
-        .with(json_layer)
-        .with(pretty_layer)
+        .with(logs::layer(
+            settings.log_format,
+            &settings.log_filter,
+            std::io::stdout,
+        ))
         .try_init()?;
 
     let metrics = if settings.metrics_enabled {

@@ -1,9 +1,14 @@
-//! One JSON object per line on stdout.
+//! The log layers: one JSON object per line on stdout, or the human-readable
+//! format; both built by [`layer`], the only way a log line leaves a process.
 //!
 //! `tracing_subscriber`'s own JSON formatter knows nothing of OpenTelemetry, so
-//! this small layer writes the line itself: timestamp, level, target, message,
+//! the JSON layer writes the line itself: timestamp, level, target, message,
 //! `trace_id`/`span_id` of the current span, the correlation fields found in the
 //! span scope (`tenant.id` → `tenant_id`, …) and the event's own fields.
+//!
+//! Every field of every event passes the sanitizer by name and by content,
+//! whichever crate emitted it (sqlx's statements, hyper, async-nats, tonic, a
+//! `log` record): the sanitizing sits in the field visitors, not at call sites.
 
 use std::io::Write;
 
@@ -11,8 +16,12 @@ use opentelemetry::trace::TraceContextExt;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber, span};
+use tracing_log::NormalizeEvent;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
@@ -81,16 +90,21 @@ pub struct JsonLogLayer<W = fn() -> std::io::Stdout> {
 
 impl JsonLogLayer {
     pub fn stdout() -> Self {
-        Self {
-            make_writer: std::io::stdout,
-        }
+        Self::new(std::io::stdout)
+    }
+}
+
+impl<W> JsonLogLayer<W> {
+    /// A layer writing to `make_writer` (tests capture lines this way).
+    pub fn new(make_writer: W) -> Self {
+        Self { make_writer }
     }
 }
 
 impl<S, W> Layer<S> for JsonLogLayer<W>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
-    W: Fn() -> std::io::Stdout + 'static,
+    W: for<'w> MakeWriter<'w> + 'static,
 {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         let mut correlation = Correlation::default();
@@ -160,7 +174,7 @@ where
         buf.push(b'\n');
         // A failed write to stdout has nowhere to be reported; dropping the
         // line is the only option.
-        let _ = (self.make_writer)().lock().write_all(&buf);
+        let _ = self.make_writer.make_writer().write_all(&buf);
     }
 }
 
@@ -189,15 +203,172 @@ fn rfc3339_now() -> String {
         .unwrap_or_default()
 }
 
-/// A `MakeWriter` for the human-readable format: each event's text is
-/// buffered and scrubbed by the sanitizer before it reaches stdout (the
-/// pretty formatter writes fields itself, so the JSON layer's per-field
-/// sanitizing cannot apply).
-pub struct SanitizedStdout;
+/// The log layer for `format` and the `RUST_LOG`-style `filter`, writing to
+/// `make_writer`: what `init` installs (with stdout), and what tests install
+/// to read the lines.
+pub fn layer<S, W>(
+    format: crate::LogFormat,
+    filter: &str,
+    make_writer: W,
+) -> Box<dyn Layer<S> + Send + Sync + 'static>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    match format {
+        crate::LogFormat::Json => Box::new(JsonLogLayer::new(make_writer).with_filter(filter)),
+        crate::LogFormat::Pretty => Box::new(
+            tracing_subscriber::fmt::layer()
+                // Our own multi-line format: tracing-subscriber's `Pretty`
+                // writes an event's fields itself (with ANSI codes between
+                // name and value that a scan of the finished text cannot see
+                // through), so a password field went out as it was.
+                .event_format(HumanEvent)
+                .fmt_fields(SanitizedFields)
+                .with_ansi(false)
+                .with_writer(Scrubbed(make_writer))
+                .with_filter(filter),
+        ),
+    }
+}
 
-pub struct ScrubbedEvent(Vec<u8>);
+/// The human-readable event format: a header line with the event's fields
+/// (formatted by the layer's field formatter, [`SanitizedFields`]), then
+/// where it was emitted and the span scope with each span's fields.
+pub struct HumanEvent;
 
-impl std::io::Write for ScrubbedEvent {
+impl<S, N> FormatEvent<S, N> for HumanEvent
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        // A `log` record's own target and location, not the bridge's.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        write!(
+            writer,
+            "  {} {:>5} {}: ",
+            rfc3339_now(),
+            meta.level(),
+            meta.target()
+        )?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)?;
+        if let (Some(file), Some(line)) = (meta.file(), meta.line()) {
+            writeln!(writer, "    at {file}:{line}")?;
+        }
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope {
+                write!(
+                    writer,
+                    "    in {}::{}",
+                    span.metadata().target(),
+                    span.name()
+                )?;
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    write!(writer, " with {fields}")?;
+                }
+                writeln!(writer)?;
+            }
+        }
+        writeln!(writer)
+    }
+}
+
+/// Formats an event's or a span's fields as `name: value`, each value
+/// sanitized by its field's name (the message by content).
+pub struct SanitizedFields;
+
+impl<'w> FormatFields<'w> for SanitizedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> std::fmt::Result {
+        let mut visitor = SanitizingWriter {
+            writer,
+            sanitizer: crate::sanitize::global(),
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct SanitizingWriter<'w> {
+    writer: Writer<'w>,
+    sanitizer: &'static crate::sanitize::Sanitizer,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl SanitizingWriter<'_> {
+    fn write(&mut self, field: &Field, clean: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let separator = if self.first { "" } else { ", " };
+        self.first = false;
+        self.result = if field.name() == "message" {
+            write!(self.writer, "{separator}{clean}")
+        } else {
+            write!(self.writer, "{separator}{}: {clean}", field.name())
+        };
+    }
+
+    fn text(&mut self, field: &Field, value: &str) {
+        // A `log` record's metadata, shown in the header instead.
+        if field.name().starts_with("log.") {
+            return;
+        }
+        let clean = if field.name() == "message" {
+            self.sanitizer.scrub(value)
+        } else {
+            self.sanitizer.field(field.name(), value)
+        };
+        self.write(field, &clean);
+    }
+}
+
+impl Visit for SanitizingWriter<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.text(field, value);
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.text(field, &value.to_string());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.text(field, &value.to_string());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.write(field, &value.to_string());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.text(field, if value { "true" } else { "false" });
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.text(field, &value.to_string());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.text(field, &format!("{value:?}"));
+    }
+}
+
+/// A `MakeWriter` whose writers buffer one event's text and scrub it whole
+/// before it reaches the inner writer: a second pass over what the
+/// formatter adds itself (span names, the target).
+pub struct Scrubbed<W>(W);
+
+pub struct ScrubbedEvent<O: std::io::Write>(Vec<u8>, O);
+
+impl<O: std::io::Write> std::io::Write for ScrubbedEvent<O> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.extend_from_slice(buf);
         Ok(buf.len())
@@ -208,18 +379,19 @@ impl std::io::Write for ScrubbedEvent {
     }
 }
 
-impl Drop for ScrubbedEvent {
+impl<O: std::io::Write> Drop for ScrubbedEvent<O> {
     fn drop(&mut self) {
         let text = String::from_utf8_lossy(&self.0);
         let clean = crate::sanitize::global().scrub(&text);
-        let _ = std::io::stdout().lock().write_all(clean.as_bytes());
+        // A failed write to stdout has nowhere to be reported.
+        let _ = self.1.write_all(clean.as_bytes());
     }
 }
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SanitizedStdout {
-    type Writer = ScrubbedEvent;
+impl<'a, W: MakeWriter<'a>> MakeWriter<'a> for Scrubbed<W> {
+    type Writer = ScrubbedEvent<W::Writer>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        ScrubbedEvent(Vec::new())
+        ScrubbedEvent(Vec::new(), self.0.make_writer())
     }
 }

@@ -22,7 +22,13 @@ where
     let (config, settings) = match config {
         Ok(parsed) => parsed,
         Err(err) => {
-            eprintln!("{}: {err}", info.component);
+            // A bad setting's value can be a URL with a password in it.
+            let line = err.to_string();
+            eprintln!(
+                "{}: {}",
+                info.component,
+                crate::sanitize::global().scrub(&line)
+            );
             return ExitCode::from(2);
         }
     };
@@ -71,7 +77,12 @@ where
             }
         }
         Err(err) => {
-            eprintln!("{}: {err:#}", info.component);
+            let line = format!("{err:#}");
+            eprintln!(
+                "{}: {}",
+                info.component,
+                crate::sanitize::global().scrub(&line)
+            );
             ExitCode::FAILURE
         }
     }

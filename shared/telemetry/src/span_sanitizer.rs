@@ -76,28 +76,37 @@ pub fn sanitize_span(sanitizer: &Sanitizer, span: &mut SpanData) {
 
 fn attributes(sanitizer: &Sanitizer, attributes: &mut [KeyValue]) {
     for kv in attributes.iter_mut() {
-        let key = kv.key.as_str().to_owned();
+        // Borrowed, not copied: this runs for every attribute of every span.
+        let key = kv.key.as_str();
         let clean = match &kv.value {
             Value::String(text) => {
-                let clean = sanitizer.field(&key, text.as_str());
+                let clean = sanitizer.field(key, text.as_str());
                 (clean != text.as_str()).then(|| Value::String(clean.into_owned().into()))
             }
             // A card number can arrive as a number.
             Value::I64(n) if n.unsigned_abs() >= 1_000_000_000_000 => {
                 let text = n.to_string();
-                let clean = sanitizer.field(&key, &text);
+                let clean = sanitizer.field(key, &text);
                 (clean != text.as_str()).then(|| Value::String(clean.into_owned().into()))
             }
             Value::Array(Array::String(items)) => {
-                let cleaned: Vec<StringValue> = items
+                let cleaned: Vec<Cow<'_, str>> = items
                     .iter()
-                    .map(|item| sanitizer.field(&key, item.as_str()).into_owned().into())
+                    .map(|item| sanitizer.field(key, item.as_str()))
                     .collect();
-                Some(Value::Array(Array::String(cleaned)))
+                cleaned
+                    .iter()
+                    .any(|item| matches!(item, Cow::Owned(_)))
+                    .then(|| {
+                        Value::Array(Array::String(
+                            cleaned
+                                .into_iter()
+                                .map(|item| StringValue::from(item.into_owned()))
+                                .collect(),
+                        ))
+                    })
             }
-            _ if sanitizer.is_sensitive_name(&key) => {
-                Some(Value::String(sanitize::REDACTED.into()))
-            }
+            _ if sanitizer.is_sensitive_name(key) => Some(Value::String(sanitize::REDACTED.into())),
             _ => None,
         };
         if let Some(value) = clean {
@@ -138,6 +147,9 @@ mod tests {
                 KeyValue::new("user_agent.original", "curl token=abcdef"),
                 KeyValue::new("card", 4_111_111_111_111_111i64),
                 KeyValue::new("http.response.status_code", 200i64),
+                // An id whose digits Luhn-check: never masked (issue 10).
+                KeyValue::new("run.id", "018e4f45-9fb8-7158-8920-215968893861"),
+                KeyValue::new("url.full", "https://x.test/cb?sig=abc123&page=2"),
             ],
             dropped_attributes_count: 0,
             events,
@@ -159,5 +171,13 @@ mod tests {
             assert!(!dump.contains(leaked), "{leaked} leaked: {dump}");
         }
         assert_eq!(span.attributes[3].value, Value::I64(200));
+        assert_eq!(
+            span.attributes[4].value,
+            Value::from("018e4f45-9fb8-7158-8920-215968893861")
+        );
+        assert_eq!(
+            span.attributes[5].value,
+            Value::from("https://x.test/cb?sig=[REDACTED]&page=[REDACTED]")
+        );
     }
 }
