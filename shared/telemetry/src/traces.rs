@@ -6,8 +6,9 @@
 //! and the collector's CA (`OTEL_EXPORTER_OTLP_CERTIFICATE`) are read here, so
 //! a bad value stops the process at start.
 //!
-//! The pipeline: sampler → [`BoundedBatchProcessor`] (bounded queue, counted
-//! drops) → [`exporter`] (OTLP/gRPC, TLS for an `https://` endpoint).
+//! The pipeline: sampler → [`CountingProcessor`] (the SDK's batch processor,
+//! every drop counted) → [`exporter`] (OTLP/gRPC, TLS for an `https://`
+//! endpoint).
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 
 use crate::ServiceInfo;
 use crate::env::{self, EnvError};
-use crate::export::{BatchConfig, BoundedBatchProcessor};
+use crate::export::{BatchSettings, CountingProcessor};
 
 pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -59,7 +60,7 @@ pub(crate) fn validate_env() -> Result<(), EnvError> {
         }
     }
     crate::sampling::from_env()?;
-    BatchConfig::from_env()?;
+    BatchSettings::from_env()?;
     Ok(())
 }
 
@@ -100,9 +101,9 @@ pub(crate) fn exporter() -> anyhow::Result<impl SpanExporter + 'static> {
 
 /// Must run inside the Tokio runtime: the export task is spawned on it.
 pub(crate) fn provider(info: &ServiceInfo) -> anyhow::Result<SdkTracerProvider> {
-    let processor = BoundedBatchProcessor::new(
+    let processor = CountingProcessor::new(
         exporter()?,
-        BatchConfig::from_env()?,
+        BatchSettings::from_env()?,
         &tokio::runtime::Handle::try_current()?,
     );
 
