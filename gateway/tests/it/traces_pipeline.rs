@@ -609,3 +609,90 @@ async fn a_malformed_traceparent_starts_a_new_trace_at_the_gateway() {
         assert_eq!(server.parent_span_id, None, "{bad} gave a parent");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Build info and instance id.
+
+/// What `build.rs` stamps: `git rev-parse` of this checkout, or `unknown`.
+fn expected_revision() -> String {
+    std::env::var("BEAMLINE_GIT_REVISION")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| {
+            let out = std::process::Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_carry_the_real_version_revision_and_an_instance_id() {
+    let mut stack = Stack::new().await;
+    stack.start(Component::Gateway).await;
+    let version = env!("CARGO_PKG_VERSION");
+    assert_ne!(version, "0.0.0", "the workspace has a real version");
+    let revision = expected_revision();
+
+    let first = server_span_for(&stack, "not-a-traceparent").await;
+    let resource = &first.resource;
+    assert_eq!(
+        resource.get("service.version").map(String::as_str),
+        Some(version)
+    );
+    assert_eq!(
+        resource.get("vcs.ref.head.revision"),
+        Some(&revision),
+        "{resource:?}"
+    );
+    let instance = resource
+        .get("service.instance.id")
+        .cloned()
+        .expect("service.instance.id");
+    assert_eq!(instance.len(), 36, "a UUID: {instance}");
+    assert_eq!(instance.matches('-').count(), 4, "a UUID: {instance}");
+
+    let metrics = stack.scrape(Component::Gateway).await;
+    let build_info = metrics
+        .lines()
+        .find(|l| l.starts_with("component_build_info{"))
+        .expect("component_build_info");
+    assert!(
+        build_info.contains(&format!("version=\"{version}\""))
+            && build_info.contains(&format!("revision=\"{revision}\"")),
+        "{build_info}"
+    );
+
+    // Another process is another instance; OTEL_RESOURCE_ATTRIBUTES wins.
+    stack.kill(Component::Gateway).await;
+    stack.start(Component::Gateway).await;
+    let second = server_span_for(&stack, "not-a-traceparent").await;
+    let other = second
+        .resource
+        .get("service.instance.id")
+        .expect("instance id");
+    assert_ne!(other, &instance);
+    stack.kill(Component::Gateway).await;
+    stack.extra_env.insert(
+        "OTEL_RESOURCE_ATTRIBUTES".into(),
+        "service.instance.id=gateway-7,service.version=9.9.9".into(),
+    );
+    stack.start(Component::Gateway).await;
+    let third = server_span_for(&stack, "not-a-traceparent").await;
+    assert_eq!(
+        third
+            .resource
+            .get("service.instance.id")
+            .map(String::as_str),
+        Some("gateway-7")
+    );
+    assert_eq!(
+        third.resource.get("service.version").map(String::as_str),
+        Some("9.9.9")
+    );
+}

@@ -18,6 +18,12 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The git revision the binary was built from (`build.rs`: the
+/// `BEAMLINE_GIT_REVISION` build variable, else `git rev-parse`, else
+/// `unknown`). One revision for the whole workspace: every service links this
+/// crate.
+pub const BUILD_REVISION: &str = env!("BEAMLINE_GIT_REVISION");
+
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The installed recorder's handle.
@@ -163,7 +169,8 @@ pub(crate) fn install(
     metrics::gauge!(
         "component_build_info",
         "component" => component,
-        "version" => version
+        "version" => version,
+        "revision" => BUILD_REVISION
     )
     .set(1.0);
 
@@ -185,7 +192,7 @@ fn describe() {
     );
     metrics::describe_gauge!(
         "component_build_info",
-        "Always 1; labels carry the component and its version."
+        "Always 1; labels carry the component, its version and the git revision it was built from."
     );
 }
 
