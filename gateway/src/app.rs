@@ -192,6 +192,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(crate::ratelimit::AuthFailures::new(
+                state.config.auth_failures,
+            )),
+            crate::auth::throttle_failures,
+        ))
         .layer(axum::middleware::from_fn(http_trace::layer))
         .with_state(state)
 }

@@ -6,6 +6,8 @@ use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use wire::ids::TenantId;
 
+use crate::ratelimit::AuthFailures;
+
 /// The configured `tenant:key` pairs.
 #[derive(Clone, Default)]
 pub struct ApiKeys(Vec<(TenantId, String)>);
@@ -83,6 +85,35 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Middleware in front of every API route: an address that has used up its
+/// failed authentications ([`AuthFailures`]) is refused with 429 before its
+/// key is looked at; a 401 answer counts one failure for its address.
+pub async fn throttle_failures(
+    axum::extract::State(failures): axum::extract::State<std::sync::Arc<AuthFailures>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let ip = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(ip) = ip
+        && let Some(wait) = failures.blocked(ip)
+    {
+        let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        crate::events::AuthThrottled { retry_after_secs }.emit();
+        return crate::error::ApiError::RateLimited(retry_after_secs).into_response();
+    }
+    let response = next.run(request).await;
+    if let Some(ip) = ip
+        && response.status() == axum::http::StatusCode::UNAUTHORIZED
+    {
+        failures.record_failure(ip);
+    }
+    response
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ pub struct Config {
     /// `runs.events` messages applied at once.
     pub events_concurrency: usize,
     pub rate_limits: Limits,
+    /// `GATEWAY_AUTH_FAILURE_RPS` / `GATEWAY_AUTH_FAILURE_BURST`: failed
+    /// authentications a client address may make (per second / in a row)
+    /// before it is refused with 429; rate 0 switches throttling off.
+    pub auth_failures: Limit,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: Duration,
     /// The longest `?wait=` a client may ask for.
@@ -119,6 +123,27 @@ impl Config {
                 n => n,
             },
             rate_limits,
+            auth_failures: {
+                let limit = Limit {
+                    rate: env::parse_or("GATEWAY_AUTH_FAILURE_RPS", 1.0)?,
+                    burst: env::parse_or("GATEWAY_AUTH_FAILURE_BURST", 20.0)?,
+                };
+                if limit.rate < 0.0 || !limit.rate.is_finite() {
+                    return Err(EnvError::new(
+                        "GATEWAY_AUTH_FAILURE_RPS",
+                        &limit.rate.to_string(),
+                        "must be a number >= 0",
+                    ));
+                }
+                if limit.burst < 1.0 || !limit.burst.is_finite() {
+                    return Err(EnvError::new(
+                        "GATEWAY_AUTH_FAILURE_BURST",
+                        &limit.burst.to_string(),
+                        "must be a number >= 1",
+                    ));
+                }
+                limit
+            },
             idempotency_ttl: Duration::from_secs(env::parse_or(
                 "GATEWAY_IDEMPOTENCY_TTL_SECS",
                 24 * 3600,

@@ -10,6 +10,7 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 pub const RUNS_SUBMITTED_TOTAL: &str = "gateway_runs_submitted_total";
 pub const RUN_EVENTS_TOTAL: &str = "gateway_run_events_total";
 pub const RATE_LIMITED_TOTAL: &str = "gateway_rate_limited_total";
+pub const AUTH_THROTTLED_TOTAL: &str = "gateway_auth_throttled_total";
 pub const IDEMPOTENCY_TOTAL: &str = "gateway_idempotency_total";
 
 pub fn describe() {
@@ -28,6 +29,11 @@ pub fn describe() {
         "runs.events messages applied to the store, by run status and result."
     );
     metrics::describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429, by tenant.");
+    metrics::describe_counter!(
+        AUTH_THROTTLED_TOTAL,
+        "Requests refused with 429 because their client address failed authentication too often."
+    );
+    metrics::counter!(AUTH_THROTTLED_TOTAL).absolute(0);
     metrics::describe_counter!(
         IDEMPOTENCY_TOTAL,
         "Idempotency-Key checks: hit (replayed), miss (new run), conflict (reused with another body)."
@@ -153,6 +159,21 @@ impl RateLimited<'_> {
         tracing::warn!(retry_after_s = self.retry_after_secs, "rate limited");
         metrics::counter!(RATE_LIMITED_TOTAL, "tenant_id" => self.tenant_id.to_owned())
             .increment(1);
+    }
+}
+
+/// A request was refused because its address failed authentication too often.
+pub struct AuthThrottled {
+    pub retry_after_secs: u64,
+}
+
+impl AuthThrottled {
+    pub fn emit(self) {
+        tracing::warn!(
+            retry_after_s = self.retry_after_secs,
+            "client address throttled after failed authentications"
+        );
+        metrics::counter!(AUTH_THROTTLED_TOTAL).increment(1);
     }
 }
 

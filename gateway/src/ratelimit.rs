@@ -84,19 +84,120 @@ impl RateLimiter {
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets.entry(tenant.clone()).or_insert(Bucket {
+        let bucket = buckets
+            .entry(tenant.clone())
+            .or_insert_with(|| Bucket::full(limit, now));
+        bucket.refill(limit, now);
+        bucket.take(limit)
+    }
+}
+
+impl Bucket {
+    fn full(limit: Limit, now: Instant) -> Self {
+        Self {
             tokens: limit.burst,
             updated: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * limit.rate).min(limit.burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        }
+    }
+
+    fn refill(&mut self, limit: Limit, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * limit.rate).min(limit.burst);
+        self.updated = now;
+    }
+
+    /// Takes a token, or says how long until there is one.
+    fn take(&mut self, limit: Limit) -> Result<(), Duration> {
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / limit.rate))
+            Err(self.wait(limit))
         }
+    }
+
+    fn wait(&self, limit: Limit) -> Duration {
+        Duration::from_secs_f64((1.0 - self.tokens).max(0.0) / limit.rate)
+    }
+}
+
+/// Failed authentications per client address: each one takes a token; an
+/// address with none left is refused before its key is even looked at, so
+/// keys cannot be guessed at line rate. IPv6 clients count per /64 (one
+/// host usually has a whole /64). At most `MAX_ADDRESSES` are tracked;
+/// buckets that have refilled are forgotten first.
+pub struct AuthFailures {
+    limit: Limit,
+    buckets: Mutex<HashMap<std::net::IpAddr, Bucket>>,
+}
+
+const MAX_ADDRESSES: usize = 10_000;
+
+impl AuthFailures {
+    /// `limit.rate` failures per second, `limit.burst` in a row; a rate of 0
+    /// switches throttling off.
+    pub fn new(limit: Limit) -> Self {
+        Self {
+            limit,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// How long `ip` must wait, when it has used up its failures.
+    pub fn blocked(&self, ip: std::net::IpAddr) -> Option<Duration> {
+        if self.limit.rate <= 0.0 {
+            return None;
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.get_mut(&client(ip))?;
+        bucket.refill(self.limit, now);
+        (bucket.tokens < 1.0).then(|| bucket.wait(self.limit))
+    }
+
+    /// Counts one failed authentication of `ip`.
+    pub fn record_failure(&self, ip: std::net::IpAddr) {
+        if self.limit.rate <= 0.0 {
+            return;
+        }
+        let now = Instant::now();
+        let limit = self.limit;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_ADDRESSES {
+            buckets.retain(|_, b| {
+                b.refill(limit, now);
+                b.tokens < limit.burst
+            });
+            if buckets.len() >= MAX_ADDRESSES {
+                // Still full of throttled addresses: forget the longest quiet.
+                if let Some(oldest) = buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.updated)
+                    .map(|(k, _)| *k)
+                {
+                    buckets.remove(&oldest);
+                }
+            }
+        }
+        let bucket = buckets
+            .entry(client(ip))
+            .or_insert_with(|| Bucket::full(limit, now));
+        bucket.refill(limit, now);
+        let _ = bucket.take(limit);
+    }
+}
+
+/// The unit a client is counted by: its IPv4 address, or its IPv6 /64.
+fn client(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1_u128 << 64) - 1);
+                std::net::IpAddr::V6(prefix.into())
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -144,6 +245,44 @@ mod tests {
         }
         assert!(limiter.check(&tenant("tiny")).is_ok());
         assert_eq!(limiter.check(&tenant("tiny")), Err(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_authentications_block_an_address_until_they_refill() {
+        let failures = AuthFailures::new(Limit {
+            rate: 1.0,
+            burst: 3.0,
+        });
+        let ip: std::net::IpAddr = "192.0.2.7".parse().expect("ip");
+        let other: std::net::IpAddr = "192.0.2.8".parse().expect("ip");
+        for _ in 0..3 {
+            assert_eq!(failures.blocked(ip), None);
+            failures.record_failure(ip);
+        }
+        assert_eq!(failures.blocked(ip), Some(Duration::from_secs(1)));
+        assert_eq!(failures.blocked(other), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(failures.blocked(ip), None);
+        // One /64 is one client.
+        let a: std::net::IpAddr = "2001:db8::1".parse().expect("ip");
+        let b: std::net::IpAddr = "2001:db8::ffff:2".parse().expect("ip");
+        for _ in 0..3 {
+            failures.record_failure(a);
+        }
+        assert!(failures.blocked(b).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_address_table_stays_bounded() {
+        let failures = AuthFailures::new(Limit {
+            rate: 1.0,
+            burst: 2.0,
+        });
+        for n in 0..(MAX_ADDRESSES as u32 + 500) {
+            failures.record_failure(std::net::IpAddr::V4(n.into()));
+        }
+        let len = failures.buckets.lock().expect("lock").len();
+        assert!(len <= MAX_ADDRESSES, "{len}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The router's telemetry events and metric names. Each `emit` writes the log
 //! line and the metrics together, with the same bounded labels.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::breaker::{State, Transition};
 use crate::extensions::invoker::ExtensionOutcome;
@@ -111,6 +113,92 @@ pub fn describe() {
     );
 }
 
+/// How long repeats of one warning are only counted after it was logged.
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(10);
+
+/// Rate limit for warnings that come once per run: after an outage hundreds
+/// a second say the same thing. The first is logged; repeats within
+/// [`REPEAT_WINDOW`] are only counted (metrics still count each one), and
+/// the count rides on the first line logged after the window.
+#[derive(Default)]
+pub struct Repeats {
+    seen: Mutex<HashMap<(&'static str, String), Window>>,
+}
+
+struct Window {
+    since: Instant,
+    suppressed: u64,
+}
+
+/// A warning to log now, with what was held back before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Repeats not logged since the last line of this warning.
+    pub suppressed: u64,
+    /// Since the last line of this warning.
+    pub over: Duration,
+}
+
+impl Repeats {
+    /// Whether warning `what` about `subject` (a provider, an extension: a
+    /// closed set) is logged at `now`.
+    pub fn admit(&self, what: &'static str, subject: &str, now: Instant) -> Option<Admitted> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.get_mut(&(what, subject.to_owned())) {
+            Some(window) if now.saturating_duration_since(window.since) < REPEAT_WINDOW => {
+                window.suppressed += 1;
+                None
+            }
+            Some(window) => {
+                let admitted = Admitted {
+                    suppressed: window.suppressed,
+                    over: now.saturating_duration_since(window.since),
+                };
+                *window = Window {
+                    since: now,
+                    suppressed: 0,
+                };
+                Some(admitted)
+            }
+            None => {
+                seen.insert(
+                    (what, subject.to_owned()),
+                    Window {
+                        since: now,
+                        suppressed: 0,
+                    },
+                );
+                Some(Admitted {
+                    suppressed: 0,
+                    over: Duration::ZERO,
+                })
+            }
+        }
+    }
+}
+
+static REPEATS: LazyLock<Repeats> = LazyLock::new(Repeats::default);
+
+/// Logs warning `message` about `subject` unless it was logged in the last
+/// [`REPEAT_WINDOW`]; a line after held-back repeats says how many.
+macro_rules! warn_rate_limited {
+    ($subject:expr, $message:literal, $($field:tt)*) => {
+        if let Some(admitted) = REPEATS.admit($message, $subject, Instant::now()) {
+            if admitted.suppressed == 0 {
+                tracing::warn!($($field)*, $message);
+            } else {
+                tracing::warn!(
+                    $($field)*,
+                    repeated = admitted.suppressed,
+                    concat!($message, " (repeated {} times in the last {} s)"),
+                    admitted.suppressed,
+                    admitted.over.as_secs()
+                );
+            }
+        }
+    };
+}
+
 /// A run was decided and will be dispatched.
 pub struct RunRouted<'a> {
     pub decision: &'a Decision,
@@ -124,11 +212,12 @@ impl RunRouted<'_> {
     pub fn emit(self) {
         let d = self.decision;
         if d.degraded {
-            tracing::warn!(
+            warn_rate_limited!(
+                d.provider.as_str(),
+                "no healthy provider; the run is queued for the first choice",
                 policy.id = %d.policy_id,
                 provider = %d.provider,
-                decision.reason = d.reason.as_str(),
-                "no healthy provider; the run is queued for the first choice"
+                decision.reason = d.reason.as_str()
             );
         } else {
             tracing::info!(
@@ -246,9 +335,10 @@ impl RunDispatched<'_> {
     pub fn emit(self) {
         let result = if self.ok { "ok" } else { "failed" };
         if !self.ok {
-            tracing::warn!(
-                provider = self.provider,
-                "dispatch failed; the run will be retried"
+            warn_rate_limited!(
+                self.provider,
+                "dispatch failed; the run will be retried",
+                provider = self.provider
             );
         }
         metrics::counter!(DISPATCHES_TOTAL, "provider" => self.provider.to_owned(), "result" => result)
@@ -326,14 +416,15 @@ impl ExtensionInvoked<'_> {
                 "extension invoked"
             );
         } else {
-            tracing::warn!(
+            warn_rate_limited!(
+                &o.id,
+                "extension invocation failed",
                 extension.id = %o.id,
                 extension.type = kind,
                 extension.status = status,
                 extension.retries_used = o.retries_used,
                 extension.failure_policy = o.failure_policy.as_str(),
-                duration_ms = o.elapsed.as_secs_f64() * 1000.0,
-                "extension invocation failed"
+                duration_ms = o.elapsed.as_secs_f64() * 1000.0
             );
         }
         metrics::counter!(
@@ -484,5 +575,148 @@ fn set_state(extension_id: &str, current: State) {
             "state" => state.as_str()
         )
         .set(if state == current { 1.0 } else { 0.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use wire::ids::ProviderId;
+    use wire::work::DecisionReason;
+
+    use super::*;
+
+    /// The log lines written while `f` runs, as text.
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("sink").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(sink.0.lock().expect("sink").clone()).expect("utf-8");
+        text.lines().map(str::to_owned).collect()
+    }
+
+    fn degraded(provider: &str) -> Decision {
+        Decision {
+            policy_id: "default".to_owned(),
+            provider: ProviderId::parse(provider).expect("provider"),
+            reason: DecisionReason::Fallback,
+            degraded: true,
+        }
+    }
+
+    #[test]
+    fn repeats_are_counted_and_reported_after_the_window() {
+        let repeats = Repeats::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            repeats.admit("w", "p", t0),
+            Some(Admitted {
+                suppressed: 0,
+                over: Duration::ZERO
+            })
+        );
+        for i in 1..=309 {
+            assert_eq!(repeats.admit("w", "p", t0 + Duration::from_millis(i)), None);
+        }
+        // Another subject or warning has its own window.
+        assert!(repeats.admit("w", "q", t0).is_some());
+        assert!(repeats.admit("v", "p", t0).is_some());
+        let later = t0 + REPEAT_WINDOW;
+        assert_eq!(
+            repeats.admit("w", "p", later),
+            Some(Admitted {
+                suppressed: 309,
+                over: REPEAT_WINDOW
+            })
+        );
+        assert_eq!(
+            repeats.admit("w", "p", later + Duration::from_secs(1)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_burst_of_degraded_decisions_logs_one_warning() {
+        let decision = degraded("burst-a");
+        let lines = logged(|| {
+            for _ in 0..300 {
+                RunRouted {
+                    decision: &decision,
+                    tenant_label: "demo",
+                    decision_time: Duration::ZERO,
+                    policy_time: Duration::ZERO,
+                }
+                .emit();
+            }
+        });
+        let warnings: Vec<_> = lines
+            .iter()
+            .filter(|l| l.contains("no healthy provider"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    }
+
+    #[test]
+    fn the_first_warning_after_the_window_carries_the_count() {
+        let dispatch = || {
+            RunDispatched {
+                provider: "burst-c",
+                ok: false,
+            }
+            .emit()
+        };
+        let first = logged(|| (0..5).for_each(|_| dispatch()));
+        assert_eq!(first.len(), 1, "{first:#?}");
+        // Ten seconds pass.
+        if let Some(window) = REPEATS.seen.lock().expect("repeats").get_mut(&(
+            "dispatch failed; the run will be retried",
+            "burst-c".to_owned(),
+        )) {
+            window.since = Instant::now()
+                .checked_sub(REPEAT_WINDOW)
+                .expect("an instant 10 s ago");
+        }
+        let next = logged(dispatch);
+        assert_eq!(next.len(), 1, "{next:#?}");
+        assert!(
+            next[0].contains(
+                "dispatch failed; the run will be retried (repeated 4 times in the last 10 s)"
+            ) && next[0].contains("repeated=4"),
+            "{next:#?}"
+        );
+    }
+
+    #[test]
+    fn a_burst_of_failed_dispatches_logs_one_warning() {
+        let lines = logged(|| {
+            for _ in 0..300 {
+                RunDispatched {
+                    provider: "burst-b",
+                    ok: false,
+                }
+                .emit();
+            }
+        });
+        let warnings: Vec<_> = lines
+            .iter()
+            .filter(|l| l.contains("dispatch failed"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
     }
 }

@@ -80,7 +80,7 @@ impl App {
         for provider in &self.config.providers {
             let durable = consume::durable(provider.as_str());
             let subject = wire::work::subject(provider);
-            let consumer = wire::jetstream::durable_consumer(
+            let durable_consumer = wire::jetstream::durable_consumer(
                 &self.jetstream,
                 &ConsumerDef {
                     stream: wire::jetstream::WORK.name,
@@ -92,19 +92,19 @@ impl App {
             )
             .await?;
             tasks.spawn(watch_queue_depth(
-                consumer.clone(),
+                durable_consumer.consumer.clone(),
                 provider.to_string(),
                 self.config.queue_depth_every,
                 shutdown.clone(),
             ));
             let executor = executor.clone();
             tasks.spawn(wire::jetstream::consume(
-                consumer,
+                durable_consumer,
                 ConsumeOptions {
                     group: durable,
                     context_mode: self.context_mode,
                     concurrency: self.config.concurrency,
-                    progress_every: Some(self.config.ack_wait / 3),
+                    progress_every: Some(self.config.progress_every()),
                     drain: Some(self.config.shutdown_grace),
                 },
                 shutdown.clone(),
@@ -128,7 +128,22 @@ impl App {
             "worker started"
         );
 
-        shutdown.cancelled().await;
+        // A task that fails before shutdown (a consume loop whose consumer
+        // was deleted) ends the process: a worker that pulls nothing must
+        // not look alive. Tasks may end early without error (extensions
+        // disabled).
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(done) = tasks.join_next() => {
+                    if let Err(err) = done.map_err(anyhow::Error::from).and_then(|ended| ended) {
+                        shutdown.cancel();
+                        self.health.set_stopping();
+                        return Err(err.context("a worker task failed"));
+                    }
+                }
+            }
+        }
         self.health.set_stopping();
         while let Some(done) = tasks.join_next().await {
             done??;

@@ -18,7 +18,9 @@ pub struct Config {
     pub providers: Vec<ProviderId>,
     /// Runs executed at once by this replica.
     pub concurrency: usize,
-    /// Redelivery delay of unacked work; in-progress acks keep long runs alive.
+    /// Redelivery delay of unacked work: how soon another replica takes over
+    /// the runs of a worker that died. In-progress acks every
+    /// [`Config::progress_every`] keep the runs of a live worker with it.
     pub ack_wait: Duration,
     /// How often `worker_queue_depth` is refreshed.
     pub queue_depth_every: Duration,
@@ -39,6 +41,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// How often a held work message gets an in-progress ack: a third of the
+    /// ack wait, so two may be lost (or late) before the message is
+    /// redelivered.
+    pub fn progress_every(&self) -> Duration {
+        self.ack_wait / 3
+    }
+
     pub fn from_env() -> Result<Self, EnvError> {
         let raw = env::string_or("WORKER_PROVIDERS", "default");
         let providers = raw
@@ -59,7 +68,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        let ack_wait_secs: u64 = env::parse_or("WORKER_ACK_WAIT_SECS", 30)?;
+        let ack_wait_secs: u64 = env::parse_or("WORKER_ACK_WAIT_SECS", 3)?;
         if ack_wait_secs == 0 {
             return Err(EnvError::new(
                 "WORKER_ACK_WAIT_SECS",

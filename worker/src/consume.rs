@@ -12,7 +12,7 @@ use wire::run::RunStatus;
 use wire::work::WorkItem;
 
 use crate::blocks::Blocks;
-use crate::events::{DeadLettered, RunInFlight};
+use crate::events::{DeadLettered, FinishedRunRedelivered, RunInFlight};
 use crate::execute::{Journal, RunOutcome, run_steps};
 use crate::progress::ProgressStore;
 
@@ -33,7 +33,8 @@ pub struct Executor {
 impl Executor {
     /// Executes one dispatched run. The message is acked only after the final
     /// report is stored; a crash before that means redelivery, and the new
-    /// attempt skips the steps the checkpoint says are done.
+    /// attempt skips the steps the checkpoint says are done. A run whose
+    /// outcome is checkpointed is never executed again.
     pub async fn handle(self: Arc<Self>, message: Message) -> Disposition {
         let span = tracing::Span::current();
         let delivered = message
@@ -80,6 +81,21 @@ impl Executor {
             );
         }
 
+        // Finished already (the ack was lost): report the same outcome again
+        // if it may not have been stored, execute nothing, ack.
+        if let Some(terminal) = journal.progress.terminal.clone() {
+            FinishedRunRedelivered {
+                provider: item.provider.as_str(),
+                status: terminal.status,
+                reported: terminal.reported,
+            }
+            .emit();
+            return match journal.report_terminal(run).await {
+                Ok(()) => Disposition::Ack,
+                Err(err) => publish_failed(&err),
+            };
+        }
+
         if delivered > self.max_deliver {
             let reason = format!(
                 "max_deliveries_exceeded: delivered {delivered} times (WORKER_MAX_DELIVER={})",
@@ -92,24 +108,15 @@ impl Executor {
             {
                 return disposition;
             }
-            if let Err(err) = journal
-                .report(
-                    run,
-                    RunStatus::Failed,
-                    journal.progress.steps.clone(),
-                    Some(reason),
-                )
-                .await
-            {
-                ComponentError {
-                    code: "publish_failed",
-                    message: &err,
-                }
-                .emit();
-                return Disposition::Retry(Duration::from_secs(2));
-            }
-            let _ = self.progress.clear(&run.run_id).await;
-            return Disposition::Ack;
+            let outcome = RunOutcome {
+                status: RunStatus::Failed,
+                steps: journal.progress.steps.clone(),
+                error: Some(reason),
+            };
+            return match journal.finish(run, outcome).await {
+                Ok(()) => Disposition::Ack,
+                Err(err) => publish_failed(&err),
+            };
         }
 
         let cx = span.context();
@@ -133,12 +140,7 @@ impl Executor {
             )
             .await
         {
-            ComponentError {
-                code: "publish_failed",
-                message: &err,
-            }
-            .emit();
-            return Disposition::Retry(Duration::from_secs(2));
+            return publish_failed(&err);
         }
 
         RunInFlight {
@@ -146,34 +148,18 @@ impl Executor {
             finished: None,
         }
         .emit();
-        let RunOutcome {
-            status,
-            steps,
-            error,
-        } = run_steps(&self.blocks, run, &mut journal).await;
+        let outcome = run_steps(&self.blocks, run, &mut journal).await;
         RunInFlight {
             provider: item.provider.as_str(),
-            finished: Some(status),
+            finished: Some(outcome.status),
         }
         .emit();
-        if let Some(error) = &error {
+        if let Some(error) = &outcome.error {
             telemetry::spans::record_error(&span, "run_failed", error);
         }
-        match journal.report(run, status, steps, error).await {
-            Ok(()) => {
-                if let Err(err) = self.progress.clear(&run.run_id).await {
-                    tracing::warn!(error = format!("{err:#}"), "cannot clear run progress");
-                }
-                Disposition::Ack
-            }
-            Err(err) => {
-                ComponentError {
-                    code: "publish_failed",
-                    message: &err,
-                }
-                .emit();
-                Disposition::Retry(Duration::from_secs(2))
-            }
+        match journal.finish(run, outcome).await {
+            Ok(()) => Disposition::Ack,
+            Err(err) => publish_failed(&err),
         }
     }
 
@@ -217,4 +203,14 @@ impl Executor {
             }
         }
     }
+}
+
+/// A report could not be stored: counted, and the message comes back.
+fn publish_failed(err: &wire::jetstream::PublishError) -> Disposition {
+    ComponentError {
+        code: "publish_failed",
+        message: err,
+    }
+    .emit();
+    Disposition::Retry(Duration::from_secs(2))
 }

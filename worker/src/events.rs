@@ -13,6 +13,7 @@ pub const QUEUE_DEPTH: &str = "worker_queue_depth";
 pub const DEAD_LETTERS_TOTAL: &str = "worker_dead_letters_total";
 pub const APPROVAL_WAIT_SECONDS: &str = "worker_approval_wait_seconds";
 pub const APPROVALS_TOTAL: &str = "worker_approvals_total";
+pub const FINISHED_REDELIVERIES_TOTAL: &str = "worker_finished_run_redeliveries_total";
 
 pub fn describe() {
     metrics::describe_counter!(
@@ -45,6 +46,10 @@ pub fn describe() {
         APPROVAL_WAIT_SECONDS,
         metrics::Unit::Seconds,
         "Time approval steps waited for a decision, by outcome."
+    );
+    metrics::describe_counter!(
+        FINISHED_REDELIVERIES_TOTAL,
+        "Work messages of runs already finished that came back (a lost ack) and were acked without executing, by provider."
     );
     metrics::describe_counter!(
         APPROVALS_TOTAL,
@@ -119,6 +124,28 @@ impl RunInFlight<'_> {
                     .increment(1);
             }
         }
+    }
+}
+
+/// The work message of a run that already finished came back (its ack was
+/// lost): nothing is executed; the outcome is reported again if its report
+/// may not have been stored.
+pub struct FinishedRunRedelivered<'a> {
+    pub provider: &'a str,
+    pub status: wire::run::RunStatus,
+    /// Whether the final report was known to be stored.
+    pub reported: bool,
+}
+
+impl FinishedRunRedelivered<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            run.status = self.status.as_str(),
+            reported = self.reported,
+            "finished run redelivered; acked without executing it again"
+        );
+        metrics::counter!(FINISHED_REDELIVERIES_TOTAL, "provider" => self.provider.to_owned())
+            .increment(1);
     }
 }
 

@@ -18,7 +18,7 @@ use wire::submitted::RunSubmitted;
 
 use crate::blocks::{Blocks, StepOutcome};
 use crate::events::{StepExecuted, StepRetried};
-use crate::progress::{Progress, ProgressStore};
+use crate::progress::{Progress, ProgressStore, Terminal};
 
 /// How a whole run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,7 +54,7 @@ impl Journal {
         steps: Vec<StepResult>,
         error: Option<String>,
     ) -> Result<(), PublishError> {
-        let event = RunEvent {
+        self.publish(RunEvent {
             run_id: run.run_id.clone(),
             tenant_id: run.tenant_id.clone(),
             status,
@@ -62,7 +62,60 @@ impl Journal {
             steps,
             error,
             at: OffsetDateTime::now_utc(),
+        })
+        .await
+    }
+
+    /// Ends the run with `outcome`, once: the outcome is checkpointed first
+    /// (a redelivery then reports it again instead of executing), then
+    /// reported, then reduced to a terminal marker.
+    pub async fn finish(
+        &mut self,
+        run: &RunSubmitted,
+        outcome: RunOutcome,
+    ) -> Result<(), PublishError> {
+        self.progress.terminal = Some(Terminal {
+            status: outcome.status,
+            steps: outcome.steps,
+            error: outcome.error,
+            at: OffsetDateTime::now_utc(),
+            reported: false,
+        });
+        self.checkpoint(run).await;
+        self.report_terminal(run).await
+    }
+
+    /// Reports the checkpointed outcome (the same event as the first time:
+    /// same `Nats-Msg-Id`, same content) and marks it reported.
+    pub async fn report_terminal(&mut self, run: &RunSubmitted) -> Result<(), PublishError> {
+        let Some(terminal) = self.progress.terminal.clone() else {
+            return Ok(());
         };
+        if terminal.reported {
+            return Ok(());
+        }
+        self.publish(RunEvent {
+            run_id: run.run_id.clone(),
+            tenant_id: run.tenant_id.clone(),
+            status: terminal.status,
+            provider: Some(self.provider.clone()),
+            steps: terminal.steps,
+            error: terminal.error,
+            at: terminal.at,
+        })
+        .await?;
+        // A failed save only means the next redelivery reports again.
+        if let Err(err) = self
+            .store
+            .mark_reported(&run.run_id, terminal.status, terminal.at)
+            .await
+        {
+            tracing::warn!(error = format!("{err:#}"), "cannot mark the run reported");
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, event: RunEvent) -> Result<(), PublishError> {
         let message_id = event.message_id();
         wire::jetstream::publish(
             &self.jetstream,

@@ -1,6 +1,12 @@
 //! A run's progress, checkpointed in a JetStream key-value bucket so that a
 //! redelivered run (the worker crashed) skips the steps already done, keeps
 //! its approval clocks, and links its new span to the earlier attempt's.
+//!
+//! A finished run keeps a terminal marker instead of being purged: its work
+//! message can come back (a lost ack, a broker restart) for as long as the
+//! work stream holds it, and must then be acked, not executed again. The
+//! bucket keeps entries as long as the streams keep messages
+//! (`wire::jetstream::key_value`), which covers that horizon.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +14,7 @@ use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState}
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use wire::ids::RunId;
-use wire::run::StepResult;
+use wire::run::{RunStatus, StepResult};
 
 pub const BUCKET: &str = "beamline_run_progress";
 
@@ -21,6 +27,27 @@ pub struct Progress {
     /// When each approval step first asked for a decision.
     #[serde(default)]
     pub approvals_requested: BTreeMap<String, String>,
+    /// Set once the run's outcome is decided, before it is reported.
+    #[serde(default)]
+    pub terminal: Option<Terminal>,
+}
+
+/// A run's outcome. Saved before the final report, so that a redelivery
+/// reports the same outcome again (the same event, deduplicated by its
+/// `Nats-Msg-Id`) instead of executing anything; reduced to the status once
+/// the report is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Terminal {
+    pub status: RunStatus,
+    /// The final report's step results and error (empty once reported).
+    #[serde(default)]
+    pub steps: Vec<StepResult>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The final report is stored in `runs.events`.
+    pub reported: bool,
 }
 
 impl Progress {
@@ -74,8 +101,23 @@ impl ProgressStore {
         Ok(())
     }
 
-    pub async fn clear(&self, run: &RunId) -> anyhow::Result<()> {
-        self.kv.purge(run.as_str()).await?;
-        Ok(())
+    /// Keeps only the terminal marker of a run whose final report is stored.
+    pub async fn mark_reported(
+        &self,
+        run: &RunId,
+        status: RunStatus,
+        at: OffsetDateTime,
+    ) -> anyhow::Result<()> {
+        let marker = Progress {
+            terminal: Some(Terminal {
+                status,
+                steps: Vec::new(),
+                error: None,
+                at,
+                reported: true,
+            }),
+            ..Progress::default()
+        };
+        self.save(run, &marker).await
     }
 }

@@ -107,3 +107,77 @@ async fn idle_and_slow_header_connections_are_closed() {
         .expect("GET");
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+/// 16 000 bad-key requests were answered 401 every time: a key could be
+/// guessed at line rate. Failed authentication is now throttled per client
+/// address, before any key is looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_keys_is_throttled_by_client_address() {
+    let mut stack = Stack::new().await;
+    stack.extra_env.extend(
+        [
+            ("GATEWAY_AUTH_FAILURE_BURST", "10"),
+            ("GATEWAY_AUTH_FAILURE_RPS", "0.5"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    stack.start(Component::Gateway).await;
+    let mut unauthorized = 0;
+    let mut throttled = 0;
+    for i in 0..60 {
+        let response = stack
+            .http
+            .get(stack.url("/v1/runs"))
+            .bearer_auth(format!("guess-{i}"))
+            .send()
+            .await
+            .expect("GET");
+        match response.status() {
+            StatusCode::UNAUTHORIZED => unauthorized += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(response.headers().contains_key("retry-after"));
+                let body: Value = response.json().await.expect("error body");
+                assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+                throttled += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(unauthorized <= 12, "{unauthorized} guesses were checked");
+    assert!(throttled >= 48, "only {throttled} of 60 guesses throttled");
+    // While throttled, the address gets nothing checked, not even a good key.
+    let response = stack
+        .http
+        .get(stack.url("/v1/runs"))
+        .bearer_auth(testkit::stack::DEMO_KEY)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Good keys never use up the budget: another gateway, many good requests.
+    let metrics = stack.scrape(Component::Gateway).await;
+    assert!(
+        metrics.contains("gateway_auth_throttled_total"),
+        "throttling is counted"
+    );
+}
+
+/// Requests with a valid key are never throttled by the failure budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_keys_do_not_use_the_failure_budget() {
+    let mut stack = Stack::new().await;
+    stack
+        .extra_env
+        .extend([("GATEWAY_AUTH_FAILURE_BURST", "3")].map(|(k, v)| (k.to_owned(), v.to_owned())));
+    stack.start(Component::Gateway).await;
+    for _ in 0..30 {
+        let response = stack
+            .http
+            .get(stack.url("/v1/runs"))
+            .bearer_auth(testkit::stack::DEMO_KEY)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}

@@ -4,6 +4,7 @@
 //! Streams and consumers are created idempotently by whoever starts first, so
 //! services can start in any order and any number of replicas share work.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
@@ -24,13 +25,63 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         .map_err(|e| anyhow::anyhow!("connecting to NATS at {url} (NATS_URL): {e}"))
 }
 
-/// Readiness check `nats`: the connection is up.
+/// How long one readiness answer about JetStream is reused: probes come
+/// from every load balancer and scrape, and a stalled broker would otherwise
+/// hold each of them for the whole timeout.
+const READY_CACHE: Duration = Duration::from_secs(1);
+/// How long the JetStream round trip of a readiness probe may take.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Readiness check `nats`: the connection is up and JetStream answers for
+/// every stream the services use (a stream info request each, at most
+/// [`READY_TIMEOUT`], the answer cached for [`READY_CACHE`]). A connection
+/// alone says nothing: a stalled broker keeps its connections open, and a
+/// missing stream makes every publish fail.
 pub fn register_health(health: &telemetry::Health, client: &async_nats::Client) {
     let client = client.clone();
+    let jetstream = js::new(client.clone());
+    let cache = std::sync::Arc::new(tokio::sync::Mutex::new(None::<(std::time::Instant, bool)>));
     health.register("nats", move || {
-        let connected = client.connection_state() == async_nats::connection::State::Connected;
-        async move { connected }
+        let client = client.clone();
+        let jetstream = jetstream.clone();
+        let cache = cache.clone();
+        async move {
+            if client.connection_state() != async_nats::connection::State::Connected {
+                return false;
+            }
+            // Concurrent probes wait for the one round trip under way.
+            let mut cached = cache.lock().await;
+            if let Some((at, ready)) = *cached
+                && at.elapsed() < READY_CACHE
+            {
+                return ready;
+            }
+            let ready = streams_answer(&jetstream).await;
+            *cached = Some((std::time::Instant::now(), ready));
+            ready
+        }
     });
+}
+
+/// Whether JetStream answers a stream info request for each stream in time.
+async fn streams_answer(jetstream: &Context) -> bool {
+    let checks = [RUNS, WORK, EVENTS, DEAD_LETTERS].map(|def| async move {
+        match tokio::time::timeout(READY_TIMEOUT, jetstream.get_stream(def.name)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(err)) => {
+                tracing::debug!(stream = def.name, error = %err, "readiness: stream info failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(stream = def.name, "readiness: stream info timed out");
+                false
+            }
+        }
+    });
+    futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .all(|ready| ready)
 }
 
 /// A stream and the subjects it captures.
@@ -126,24 +177,55 @@ pub struct ConsumerDef<'a> {
     pub max_deliver: i64,
 }
 
+/// A durable pull consumer, with what the consume loop needs to pull from it.
+#[derive(Clone)]
+pub struct Durable {
+    pub consumer: PullConsumer,
+    context: Context,
+    stream: String,
+    config: pull::Config,
+}
+
 /// Creates or updates a durable pull consumer (replicas share it).
-pub async fn durable_consumer(js: &Context, def: &ConsumerDef<'_>) -> anyhow::Result<PullConsumer> {
-    let stream = js
-        .get_stream(def.stream)
+pub async fn durable_consumer(js: &Context, def: &ConsumerDef<'_>) -> anyhow::Result<Durable> {
+    let config = pull::Config {
+        durable_name: Some(def.durable.to_owned()),
+        filter_subject: def.filter_subject.to_owned(),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: def.ack_wait,
+        max_deliver: def.max_deliver,
+        ..Default::default()
+    };
+    let consumer = create_consumer(js, def.stream, config.clone()).await?;
+    Ok(Durable {
+        consumer,
+        context: js.clone(),
+        stream: def.stream.to_owned(),
+        config,
+    })
+}
+
+async fn create_consumer(
+    js: &Context,
+    stream: &str,
+    config: pull::Config,
+) -> anyhow::Result<PullConsumer> {
+    let durable = config.durable_name.clone().unwrap_or_default();
+    js.get_stream(stream)
         .await
-        .map_err(|e| anyhow::anyhow!("stream {}: {e}", def.stream))?;
-    stream
-        .create_consumer(pull::Config {
-            durable_name: Some(def.durable.to_owned()),
-            filter_subject: def.filter_subject.to_owned(),
-            ack_policy: AckPolicy::Explicit,
-            deliver_policy: DeliverPolicy::All,
-            ack_wait: def.ack_wait,
-            max_deliver: def.max_deliver,
-            ..Default::default()
-        })
+        .map_err(|e| anyhow::anyhow!("stream {stream}: {e}"))?
+        .create_consumer(config)
         .await
-        .map_err(|e| anyhow::anyhow!("consumer {} on {}: {e}", def.durable, def.stream))
+        .map_err(|e| anyhow::anyhow!("consumer {durable} on {stream}: {e}"))
+}
+
+/// Unacked messages a durable consumer lets out at once, over all its
+/// replicas: room for many replicas at `concurrency` each, and for the
+/// worker's approval waits (which hold their message without a slot), yet a
+/// bound on what a stuck consumer can hold.
+pub fn max_ack_pending(concurrency: usize) -> i64 {
+    i64::try_from(concurrency.max(1).saturating_mul(128)).unwrap_or(i64::MAX)
 }
 
 /// Why a publish was not acknowledged.
@@ -241,10 +323,12 @@ pub struct ConsumeOptions {
     /// The durable consumer's name (the span's `messaging.consumer.group.name`).
     pub group: String,
     pub context_mode: telemetry::ContextMode,
-    /// Messages handled at once.
+    /// Messages handled at once; also sizes the consumer's `max_ack_pending`
+    /// ([`max_ack_pending`]).
     pub concurrency: usize,
-    /// Send an in-progress ack this often while a handler runs, so long work
-    /// is not redelivered to another replica. `None` for short handlers.
+    /// Send an in-progress ack this often while a message is held (waiting
+    /// for a slot or handled), so long work is not redelivered to another
+    /// replica while this one lives. `None` for short handlers.
     pub progress_every: Option<Duration>,
     /// After shutdown, how long running handlers may finish before they are
     /// interrupted and their messages naked for another replica. `None`:
@@ -252,12 +336,34 @@ pub struct ConsumeOptions {
     pub drain: Option<Duration>,
 }
 
-/// Pulls messages from `consumer` and runs `handler` on each inside a
+/// How long one pull request waits on the server. Short, so that a pull
+/// nobody serves any more is soon gone on the server's side too.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server sends an idle heartbeat this often on a waiting pull.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence for this long means the pull is lost (the broker restarted, the
+/// stream's leader moved, the connection dropped): a new one is sent at once
+/// rather than after the expiry.
+const PULL_LOST_AFTER: Duration = Duration::from_secs(3);
+/// At shutdown, how long the messages already sent to this replica may take
+/// to arrive (each is handed back at once).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+/// Pause before pulling again after the server refused a pull.
+const PULL_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Pulls messages from `durable` and runs `handler` on each inside a
 /// `process <subject>` CONSUMER span, at most `concurrency` at a time, acking
-/// as the handler says. Stops pulling when `shutdown` is cancelled, waits for
-/// the handlers already running, and returns.
+/// as the handler says.
+///
+/// Each pull asks for as many messages as there are free slots, expires
+/// after [`PULL_EXPIRES`] and carries idle heartbeats, so a lost pull is
+/// replaced within [`PULL_LOST_AFTER`]. When `shutdown` is cancelled it
+/// stops pulling first: it unsubscribes the pull's inbox (the server drops a
+/// pull nobody listens to), hands back at once (nak, no delay) what was
+/// already sent and what has not started, lets running handlers finish for
+/// `drain`, and returns.
 pub async fn consume<H, Fut>(
-    consumer: PullConsumer,
+    durable: Durable,
     options: ConsumeOptions,
     shutdown: tokio_util::sync::CancellationToken,
     handler: H,
@@ -266,13 +372,20 @@ where
     H: Fn(js::Message) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Disposition> + Send + 'static,
 {
+    use async_nats::StatusCode;
     use futures::StreamExt as _;
 
     let concurrency = options.concurrency.max(1);
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(concurrency)
-        .messages()
+    size_consumer(&durable, concurrency).await;
+    let client = durable.context.client();
+    let info = durable.consumer.cached_info();
+    let next = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+        info.stream_name, info.name
+    );
+    let inbox = client.new_inbox();
+    let mut deliveries = client
+        .subscribe(inbox.clone())
         .await
         .map_err(|e| anyhow::anyhow!("pulling from {}: {e}", options.group))?;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -280,46 +393,129 @@ where
     let interrupt = tokio_util::sync::CancellationToken::new();
     let options = std::sync::Arc::new(options);
     let mut running = tokio::task::JoinSet::new();
+    // Messages the open pull may still deliver; 0: no pull open.
+    let mut open = 0usize;
+    let mut heard = tokio::time::Instant::now();
+    // Logged once per outage, not once per pull.
+    let mut lost_logged = false;
+    let mut refused_logged = false;
+    // Messages received and waiting for a slot.
+    let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     loop {
-        // The message first, then a slot: a handler taking its slot back
-        // after `without_slot` queues ahead of the next message (the
-        // semaphore is fair), and the prefetch stays bounded by the batch size.
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = messages.next() => next,
-        };
         // Reap finished handlers so the set does not grow.
         while running.try_join_next().is_some() {}
-        let message = match next {
-            None => anyhow::bail!("the message stream of {} ended", options.group),
-            Some(Err(err)) => {
-                // Transient pull errors (missed heartbeats, reconnects) are
-                // retried by the stream itself.
-                tracing::warn!(consumer = %options.group, error = %err, "pull failed");
-                continue;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            delivery = deliveries.next() => {
+                let Some(delivery) = delivery else {
+                    anyhow::bail!("the pull subscription of {} ended", options.group);
+                };
+                heard = tokio::time::Instant::now();
+                lost_logged = false;
+                match delivery.status {
+                    None | Some(StatusCode::OK) => {
+                        open = open.saturating_sub(1);
+                        refused_logged = false;
+                        let message = js::Message {
+                            message: delivery,
+                            context: durable.context.clone(),
+                        };
+                        waiting.fetch_add(1, Ordering::SeqCst);
+                        running.spawn(handle_one(
+                            message,
+                            options.clone(),
+                            handler.clone(),
+                            Waiting {
+                                permits: permits.clone(),
+                                waiting: waiting.clone(),
+                            },
+                            shutdown.clone(),
+                            interrupt.clone(),
+                        ));
+                    }
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    // The pull expired: pull again.
+                    Some(StatusCode::TIMEOUT) => open = 0,
+                    Some(status) => {
+                        open = 0;
+                        let description = delivery.description.unwrap_or_default();
+                        if description.eq_ignore_ascii_case("consumer deleted") {
+                            anyhow::bail!("consumer {} was deleted", options.group);
+                        }
+                        // A leadership change, a limit, no JetStream: the
+                        // pull is over; pull again after a pause. Logged
+                        // once until messages flow again.
+                        if !refused_logged {
+                            tracing::warn!(
+                                consumer = %options.group,
+                                status = status.as_u16(),
+                                description,
+                                "pull ended by the server; pulling again"
+                            );
+                            refused_logged = true;
+                        }
+                        tokio::time::sleep(PULL_BACKOFF).await;
+                    }
+                }
             }
-            Some(Ok(message)) => message,
-        };
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => {
-                // Not started: hand it back at once rather than after ack_wait.
-                let _ = message.ack_with(js::AckKind::Nak(None)).await;
-                break;
+            permit = permits.clone().acquire_owned(), if open == 0 && waiting.load(Ordering::SeqCst) == 0 => {
+                // A free slot and no pull open: ask for every free slot.
+                let batch = permits.available_permits() + 1;
+                drop(permit?);
+                if send_pull(&client, &next, &inbox, batch, &options.group).await {
+                    open = batch;
+                    heard = tokio::time::Instant::now();
+                }
             }
-            permit = permits.clone().acquire_owned() => permit?,
-        };
-        let handler = handler.clone();
-        let options = options.clone();
-        let interrupt = interrupt.clone();
-        let slot = Slot {
-            semaphore: permits.clone(),
-            permit: std::sync::Arc::new(std::sync::Mutex::new(Some(permit))),
-        };
-        running.spawn(async move {
-            SLOT.scope(slot, handle_one(message, &options, handler, interrupt))
-                .await;
-        });
+            _ = tokio::time::sleep(PULL_BACKOFF), if open == 0 => {
+                // Every slot taken: one pull for a single message stays
+                // open anyway, so the consumer shows a waiting pull (the
+                // router's liveness check) and the next message is here
+                // when a slot frees. At most one message waits like that.
+                if waiting.load(Ordering::SeqCst) == 0
+                    && permits.available_permits() == 0
+                    && send_pull(&client, &next, &inbox, 1, &options.group).await
+                {
+                    open = 1;
+                    heard = tokio::time::Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(heard + PULL_LOST_AFTER), if open > 0 => {
+                if !lost_logged {
+                    tracing::warn!(
+                        consumer = %options.group,
+                        silent_ms = PULL_LOST_AFTER.as_millis() as u64,
+                        "pull lost (no message and no heartbeat); pulling again"
+                    );
+                    lost_logged = true;
+                }
+                open = 0;
+            }
+        }
+    }
+
+    // Stop pulling first. Unsubscribing ends the open pull; what the server
+    // sent before it saw that arrives before the PONG that closes the
+    // subscription, and goes back at once for another replica.
+    if deliveries.drain().await.is_ok() {
+        let context = durable.context.clone();
+        let handed_back = tokio::time::timeout(SHUTDOWN_FLUSH, async {
+            while let Some(delivery) = deliveries.next().await {
+                if matches!(delivery.status, None | Some(StatusCode::OK)) {
+                    let message = js::Message {
+                        message: delivery,
+                        context: context.clone(),
+                    };
+                    let _ = message.ack_with(js::AckKind::Nak(None)).await;
+                }
+            }
+        })
+        .await;
+        if handed_back.is_err() {
+            tracing::warn!(consumer = %options.group, "the pull's inbox did not close in time");
+        }
     }
     if let Some(drain) = options.drain {
         let timer = interrupt.clone();
@@ -333,12 +529,122 @@ where
     Ok(())
 }
 
+/// Sends a pull request for `batch` messages; `false` when none was sent.
+async fn send_pull(
+    client: &async_nats::Client,
+    next: &str,
+    inbox: &str,
+    batch: usize,
+    group: &str,
+) -> bool {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        // A pull sent now would be buffered and sent, stale, after the
+        // reconnect.
+        tokio::time::sleep(PULL_BACKOFF).await;
+        return false;
+    }
+    match client
+        .publish_with_reply(next.to_owned(), inbox.to_owned(), pull_request(batch))
+        .await
+    {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(consumer = group, error = %err, "cannot send a pull");
+            tokio::time::sleep(PULL_BACKOFF).await;
+            false
+        }
+    }
+}
+
+/// Where a received message waits for its slot.
+struct Waiting {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Messages waiting for a slot (the consume loop pulls no more while
+    /// one does).
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The body of a pull request for `batch` messages.
+fn pull_request(batch: usize) -> bytes::Bytes {
+    serde_json::json!({
+        "batch": batch,
+        "expires": PULL_EXPIRES.as_nanos() as u64,
+        "idle_heartbeat": PULL_HEARTBEAT.as_nanos() as u64,
+    })
+    .to_string()
+    .into()
+}
+
+/// Sets the consumer's `max_ack_pending` from this replica's concurrency
+/// ([`max_ack_pending`]). A failure leaves the consumer as it was: logged.
+async fn size_consumer(durable: &Durable, concurrency: usize) {
+    let mut config = durable.config.clone();
+    config.max_ack_pending = max_ack_pending(concurrency);
+    if let Err(err) = create_consumer(&durable.context, &durable.stream, config).await {
+        tracing::warn!(error = format!("{err:#}"), "cannot set max_ack_pending");
+    }
+}
+
 async fn handle_one<H, Fut>(
+    message: js::Message,
+    options: std::sync::Arc<ConsumeOptions>,
+    handler: H,
+    slots: Waiting,
+    shutdown: tokio_util::sync::CancellationToken,
+    interrupt: tokio_util::sync::CancellationToken,
+) where
+    H: Fn(js::Message) -> Fut,
+    Fut: std::future::Future<Output = Disposition>,
+{
+    let acker = message.clone();
+    let work = async {
+        // The message first, then a slot: a handler taking its slot back
+        // after `without_slot` queues ahead of it (the semaphore is fair).
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            permit = slots.permits.clone().acquire_owned() => permit.ok(),
+        };
+        slots.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Never started: handed back below.
+        let permit = permit?;
+        let slot = Slot {
+            semaphore: slots.permits.clone(),
+            permit: std::sync::Arc::new(std::sync::Mutex::new(Some(permit))),
+        };
+        Some(
+            SLOT.scope(slot, process(message, &options, handler, &interrupt))
+                .await,
+        )
+    };
+    let Some((disposition, span)) = with_progress(work, &acker, options.progress_every).await
+    else {
+        // Never started: back at once for another replica, not after ack_wait.
+        let _ = acker.ack_with(js::AckKind::Nak(None)).await;
+        return;
+    };
+    let kind = match disposition {
+        Disposition::Ack => js::AckKind::Ack,
+        Disposition::Retry(delay) if delay.is_zero() => js::AckKind::Nak(None),
+        Disposition::Retry(delay) => js::AckKind::Nak(Some(delay)),
+        Disposition::Reject => js::AckKind::Term,
+    };
+    // Double ack: the server confirms, so an Ack is known to have landed.
+    if let Err(err) = acker.double_ack_with(kind).await {
+        telemetry::spans::record_error(&span, "ack_failed", &err.to_string());
+        tracing::warn!(parent: &span, error = %err, "ack failed; the message will be redelivered");
+    }
+}
+
+/// Runs the handler inside the message's `process` span; interrupted when
+/// the drain period is over.
+async fn process<H, Fut>(
     message: js::Message,
     options: &ConsumeOptions,
     handler: H,
-    interrupt: tokio_util::sync::CancellationToken,
-) where
+    interrupt: &tokio_util::sync::CancellationToken,
+) -> (Disposition, tracing::Span)
+where
     H: Fn(js::Message) -> Fut,
     Fut: std::future::Future<Output = Disposition>,
 {
@@ -355,44 +661,38 @@ async fn handle_one<H, Fut>(
         },
         options.context_mode,
     );
-    let acker = message.clone();
     let handled = handler(message).instrument(span.clone());
-    let work = async {
-        tokio::select! {
-            disposition = handled => disposition,
-            _ = interrupt.cancelled() => {
-                tracing::warn!(parent: &span, "shutdown grace period over; handing the message back");
-                telemetry::spans::record_error(&span, "interrupted", "interrupted by shutdown");
-                Disposition::Retry(Duration::ZERO)
-            }
+    let disposition = tokio::select! {
+        disposition = handled => disposition,
+        _ = interrupt.cancelled() => {
+            tracing::warn!(parent: &span, "shutdown grace period over; handing the message back");
+            telemetry::spans::record_error(&span, "interrupted", "interrupted by shutdown");
+            Disposition::Retry(Duration::ZERO)
         }
     };
-    let disposition = match options.progress_every {
-        None => work.await,
-        Some(every) => {
-            tokio::pin!(work);
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    disposition = &mut work => break disposition,
-                    _ = tick.tick() => {
-                        if let Err(err) = acker.ack_with(js::AckKind::Progress).await {
-                            tracing::warn!(parent: &span, error = %err, "in-progress ack failed");
-                        }
-                    }
+    (disposition, span)
+}
+
+/// Runs `work`, sending an in-progress ack for `message` every `every`.
+async fn with_progress<F: std::future::Future>(
+    work: F,
+    message: &js::Message,
+    every: Option<Duration>,
+) -> F::Output {
+    let Some(every) = every else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            _ = tick.tick() => {
+                if let Err(err) = message.ack_with(js::AckKind::Progress).await {
+                    tracing::warn!(error = %err, "in-progress ack failed");
                 }
             }
         }
-    };
-    let kind = match disposition {
-        Disposition::Ack => js::AckKind::Ack,
-        Disposition::Retry(delay) => js::AckKind::Nak(Some(delay)),
-        Disposition::Reject => js::AckKind::Term,
-    };
-    // Double ack: the server confirms, so an Ack is known to have landed.
-    if let Err(err) = acker.double_ack_with(kind).await {
-        telemetry::spans::record_error(&span, "ack_failed", &err.to_string());
-        tracing::warn!(parent: &span, error = %err, "ack failed; the message will be redelivered");
     }
 }

@@ -6,4 +6,5 @@
 mod approvals;
 mod blocks;
 mod crashes;
+mod delivery;
 mod support;
