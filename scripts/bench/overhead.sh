@@ -38,7 +38,7 @@ trap cleanup EXIT
 
 echo "overhead: building release binaries" >&2
 cargo build --release -q -p gateway -p router -p worker -p loadgen >&2
-BIN="$ROOT/target/release"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
 wait_http() {
     local url=$1 _

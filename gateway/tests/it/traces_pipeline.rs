@@ -196,45 +196,80 @@ async fn traceidratio_at_the_gateway_gives_whole_traces_or_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adaptive_sampling_limits_traces_and_keeps_the_worker_errors_of_unsampled_ones() {
+async fn no_exported_span_lacks_its_parent_with_ratio_sampling_and_errors() {
     let mut stack = Stack::new().await;
-    // One trace every 10 s: the first run takes the token, the rest are over budget.
-    let adaptive = [
-        ("OTEL_TRACES_SAMPLER", "beamline_adaptive"),
-        ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
-    ];
-    start_with(&mut stack, &adaptive, &adaptive).await;
+    // traceidratio decides at the gateway; the router and the worker run the
+    // adaptive sampler (parent-based), which once recorded unsampled spans and
+    // exported their errors anyway: orphans whose parents nobody exported.
+    start_with(
+        &mut stack,
+        &[
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+        ],
+        &[
+            ("OTEL_TRACES_SAMPLER", "beamline_adaptive"),
+            ("OTEL_TRACES_SAMPLER_ARG", "1000"),
+        ],
+    )
+    .await;
 
-    let first = run_to_end(&stack, &noop_run(), None).await;
-    let over_budget = run_to_end(&stack, &noop_run(), None).await;
-    let failed = run_to_end(&stack, &failing_run(), None).await;
-
-    let spans = stack
-        .otlp
-        .wait_for_trace(&first, 10, Duration::from_secs(10))
-        .await;
-    assert_eq!(services(&spans).len(), 3, "the sampled trace is whole");
-    let errors = stack
-        .otlp
-        .wait_for_trace(&failed, 1, Duration::from_secs(10))
-        .await;
+    let mut kept = Vec::new();
+    let mut dropped = Vec::new();
+    for n in 1..=3 {
+        for body in [failing_run(), noop_run()] {
+            let keep = trace_id(n, true);
+            let drop = trace_id(n + 10, false);
+            kept.push(run_to_end(&stack, &body, Some(traceparent(&keep, true))).await);
+            dropped.push(run_to_end(&stack, &body, Some(traceparent(&drop, true))).await);
+        }
+    }
+    for id in &kept {
+        stack
+            .otlp
+            .wait_for_trace(id, 10, Duration::from_secs(10))
+            .await;
+    }
     settle().await;
-    assert!(of_trace(&stack, &over_budget).is_empty());
-    // Of the failed, unsampled run only the spans that ended in ERROR are
-    // kept, by the processes that recorded them (the worker): not the trace.
-    let errors = of_trace(&stack, &failed)
-        .into_iter()
-        .chain(errors)
-        .collect::<Vec<_>>();
-    assert!(
-        errors.iter().any(|s| s.name == "worker.step.execute"),
-        "{errors:#?}"
-    );
-    for span in &errors {
+
+    let spans = stack.otlp.spans();
+    let ids: BTreeSet<(String, String)> = spans
+        .iter()
+        .map(|s| (s.trace_id.clone(), s.span_id.clone()))
+        .collect();
+    for span in &spans {
+        let Some(parent) = &span.parent_span_id else {
+            continue;
+        };
+        // The client's own span (its traceparent) is the only parent that
+        // is outside the backend by design.
+        if parent == "00f067aa0ba902b7" && span.service == "gateway" && span.kind == "server" {
+            continue;
+        }
+        assert!(
+            ids.contains(&(span.trace_id.clone(), parent.clone())),
+            "{}:{} (status {}) was exported without its parent {parent}",
+            span.service,
+            span.name,
+            span.status_code
+        );
+    }
+    for id in &dropped {
+        let orphans = of_trace(&stack, id);
+        assert!(
+            orphans.is_empty(),
+            "unsampled trace {id} exported: {:?}",
+            orphans
+                .iter()
+                .map(|s| format!("{}:{} status {}", s.service, s.name, s.status_code))
+                .collect::<Vec<_>>()
+        );
+    }
+    for id in &kept {
         assert_eq!(
-            span.status_code, 2,
-            "{}:{} is not an error",
-            span.service, span.name
+            services(&of_trace(&stack, id)).len(),
+            3,
+            "trace {id} is whole"
         );
     }
 }
@@ -508,4 +543,156 @@ async fn spans_are_exported_over_tls_to_a_collector_with_a_private_ca() {
     .await;
     assert!(failed >= 1.0);
     assert!(collector.0.lock().expect("lock").is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Strict traceparent.
+
+/// The gateway's SERVER span of one `GET /v1/runs` sent with `traceparent`.
+async fn server_span_for(stack: &Stack, traceparent: &str) -> CollectedSpan {
+    let server_spans = || -> Vec<CollectedSpan> {
+        stack
+            .otlp
+            .spans()
+            .into_iter()
+            .filter(|s| s.service == "gateway" && s.kind == "server")
+            .collect()
+    };
+    let before = server_spans().len();
+    let response = stack
+        .http
+        .get(stack.url("/v1/runs"))
+        .bearer_auth(DEMO_KEY)
+        .header("traceparent", traceparent)
+        .send()
+        .await
+        .expect("GET /v1/runs");
+    assert_eq!(response.status(), 200, "{traceparent}");
+    testkit::eventually(Duration::from_secs(10), "the server span", || async {
+        let spans = server_spans();
+        (spans.len() > before).then(|| spans[before].clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_traceparent_starts_a_new_trace_at_the_gateway() {
+    let mut stack = Stack::new().await;
+    stack.start(Component::Gateway).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let span = "00f067aa0ba902b7";
+
+    // Control: a valid one is continued.
+    let continued = server_span_for(&stack, &format!("00-{trace}-{span}-01")).await;
+    assert_eq!(continued.trace_id, trace);
+    assert_eq!(continued.parent_span_id.as_deref(), Some(span));
+
+    // Each of these was continued by the SDK's parser alone (the trace id
+    // it would have taken is the second element).
+    let padded = format!("0{}", &trace[1..]);
+    for (bad, would_be) in [
+        (format!("00-{}-{span}-01", &trace[1..]), padded.clone()),
+        (format!("00-{trace}-{}-01", &span[1..]), trace.to_owned()),
+        (format!("00-{trace}-{span}--1"), trace.to_owned()),
+        (format!("0--{trace}-{span}-01"), trace.to_owned()),
+        ("00-1-1-01".to_owned(), format!("{:032x}", 1)),
+        (format!("00-+{}-{span}-01", &trace[1..]), padded),
+        (
+            format!("00-{}-{span}-01", trace.to_uppercase()),
+            trace.to_owned(),
+        ),
+        (format!("00-{trace}-{span}-01-extra"), trace.to_owned()),
+    ] {
+        let server = server_span_for(&stack, &bad).await;
+        assert_ne!(server.trace_id, would_be, "{bad} was continued");
+        assert_ne!(server.trace_id, trace, "{bad} was continued");
+        assert_eq!(server.parent_span_id, None, "{bad} gave a parent");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Build info and instance id.
+
+/// What `build.rs` stamps: `git rev-parse` of this checkout, or `unknown`.
+fn expected_revision() -> String {
+    std::env::var("BEAMLINE_GIT_REVISION")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| {
+            let out = std::process::Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_carry_the_real_version_revision_and_an_instance_id() {
+    let mut stack = Stack::new().await;
+    stack.start(Component::Gateway).await;
+    let version = env!("CARGO_PKG_VERSION");
+    assert_ne!(version, "0.0.0", "the workspace has a real version");
+    let revision = expected_revision();
+
+    let first = server_span_for(&stack, "not-a-traceparent").await;
+    let resource = &first.resource;
+    assert_eq!(
+        resource.get("service.version").map(String::as_str),
+        Some(version)
+    );
+    assert_eq!(
+        resource.get("vcs.ref.head.revision"),
+        Some(&revision),
+        "{resource:?}"
+    );
+    let instance = resource
+        .get("service.instance.id")
+        .cloned()
+        .expect("service.instance.id");
+    assert_eq!(instance.len(), 36, "a UUID: {instance}");
+    assert_eq!(instance.matches('-').count(), 4, "a UUID: {instance}");
+
+    let metrics = stack.scrape(Component::Gateway).await;
+    let build_info = metrics
+        .lines()
+        .find(|l| l.starts_with("component_build_info{"))
+        .expect("component_build_info");
+    assert!(
+        build_info.contains(&format!("version=\"{version}\""))
+            && build_info.contains(&format!("revision=\"{revision}\"")),
+        "{build_info}"
+    );
+
+    // Another process is another instance; OTEL_RESOURCE_ATTRIBUTES wins.
+    stack.kill(Component::Gateway).await;
+    stack.start(Component::Gateway).await;
+    let second = server_span_for(&stack, "not-a-traceparent").await;
+    let other = second
+        .resource
+        .get("service.instance.id")
+        .expect("instance id");
+    assert_ne!(other, &instance);
+    stack.kill(Component::Gateway).await;
+    stack.extra_env.insert(
+        "OTEL_RESOURCE_ATTRIBUTES".into(),
+        "service.instance.id=gateway-7,service.version=9.9.9".into(),
+    );
+    stack.start(Component::Gateway).await;
+    let third = server_span_for(&stack, "not-a-traceparent").await;
+    assert_eq!(
+        third
+            .resource
+            .get("service.instance.id")
+            .map(String::as_str),
+        Some("gateway-7")
+    );
+    assert_eq!(
+        third.resource.get("service.version").map(String::as_str),
+        Some("9.9.9")
+    );
 }

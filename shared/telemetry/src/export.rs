@@ -1,39 +1,41 @@
-//! The span processor between the tracer and the OTLP exporter. It exists so
-//! that the exporter can never hurt the service:
+//! Between the tracer and the OTLP exporter: the SDK's `BatchSpanProcessor`,
+//! wrapped so that every span it does not export is counted, exactly.
 //!
-//! - `on_end` (on the request path) only does a non-blocking `try_send` into a
-//!   bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`); when the queue is full the span
-//!   is dropped, never waited for. Memory is bounded by the queue plus one
-//!   batch in flight.
-//! - One task on the Tokio runtime exports batches of at most
-//!   `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` every `OTEL_BSP_SCHEDULE_DELAY` ms, one
-//!   export at a time, each cut off after `OTEL_BSP_EXPORT_TIMEOUT` ms. A
-//!   collector that is down, slow or refusing only makes the queue fill up.
-//! - Every dropped span is counted in `telemetry_spans_dropped_total{reason}`
-//!   ([`DropReason`]), and one warning line per [`DROP_LOG_INTERVAL`] at most
-//!   says how many were dropped since the last one, and why.
-//! - Spans that were recorded but not sampled are not exported, except those
-//!   ending with status ERROR (the adaptive sampler's "keep errors", see
-//!   [`crate::sampling`]): they are exported with their sampled flag set.
+//! - [`CountingProcessor`] (a `SpanProcessor`) admits a sampled span into the
+//!   SDK processor's queue only while fewer than `OTEL_BSP_MAX_QUEUE_SIZE`
+//!   admitted spans wait for the exporter; otherwise it drops and counts it
+//!   (`queue_full`). The SDK's own queue has that same capacity, so it never
+//!   drops on its own (it would, silently: its count is private and logged
+//!   once at shutdown). `on_end` never waits.
+//! - [`CountingExporter`] (a `SpanExporter`) is what the SDK processor exports
+//!   to: it takes the batch off the admitted count, cuts the export off after
+//!   `OTEL_BSP_EXPORT_TIMEOUT` (the SDK's thread-based processor has no
+//!   timeout of its own) and counts a failed or timed-out batch.
+//! - At shutdown, what is still queued or in an export that did not end in
+//!   time is counted as `shutdown`; a span ended after shutdown too.
 //!
-//! The SDK's `BatchSpanProcessor` drops silently when its queue is full; this
-//! one counts. The exporter's own diagnostics are silenced while it exports
-//! (they would otherwise be one log line per failed batch): the drop warning
-//! carries the last export error instead.
+//! So `telemetry_spans_dropped_total{reason}` plus what the collector
+//! received is every sampled span, span for span. One warning line per
+//! [`DROP_LOG_INTERVAL`] at most says how many were dropped, and why; the
+//! exporter's own diagnostics are silenced (they would be one line per failed
+//! batch) and the warning carries the last export error instead.
+//!
+//! The SDK processor (0.33) exports one batch at a time on its own thread:
+//! throughput is `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` spans per export round trip,
+//! which is why the defaults here are larger than the specification's (see
+//! [`BatchSettings`]).
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use opentelemetry::Context;
-use opentelemetry::trace::{SpanContext, Status, TraceFlags};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Span, SpanData, SpanExporter, SpanProcessor,
+};
 use tracing::instrument::WithSubscriber;
 
 use crate::env::{self, EnvError};
@@ -97,31 +99,41 @@ pub fn describe_metrics() {
     }
 }
 
-/// The batch settings, from the standard `OTEL_BSP_*` variables.
+/// The batch settings, from the standard `OTEL_BSP_*` variables (read here,
+/// not by the SDK's `BatchConfigBuilder`, so that a bad value stops the
+/// process instead of being ignored).
+///
+/// The defaults are for a busy service, not the specification's (2048 /
+/// 512 / 5000 ms): one export is in flight at a time, so a collector that
+/// takes 250 ms per batch moves at most 4 batches a second. 1024 spans per
+/// batch (about 1 MiB of OTLP, well below gRPC's 4 MiB message limit) and an
+/// 8192-span queue (8 batches, a few seconds of a slow collector) keep that
+/// from overflowing at a few hundred runs per second; a 1 s delay keeps spans
+/// fresh in the backend and batches small when traffic is light.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchConfig {
-    /// `OTEL_BSP_MAX_QUEUE_SIZE` (default 2048).
+pub struct BatchSettings {
+    /// `OTEL_BSP_MAX_QUEUE_SIZE` (default 8192).
     pub max_queue_size: usize,
-    /// `OTEL_BSP_SCHEDULE_DELAY` in ms (default 5000).
+    /// `OTEL_BSP_SCHEDULE_DELAY` in ms (default 1000).
     pub scheduled_delay: Duration,
-    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (default 512, at most the queue size).
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (default 1024, at most the queue size).
     pub max_export_batch_size: usize,
     /// `OTEL_BSP_EXPORT_TIMEOUT` in ms (default 30000).
     pub export_timeout: Duration,
 }
 
-impl Default for BatchConfig {
+impl Default for BatchSettings {
     fn default() -> Self {
         Self {
-            max_queue_size: 2048,
-            scheduled_delay: Duration::from_millis(5000),
-            max_export_batch_size: 512,
+            max_queue_size: 8192,
+            scheduled_delay: Duration::from_millis(1000),
+            max_export_batch_size: 1024,
             export_timeout: Duration::from_millis(30_000),
         }
     }
 }
 
-impl BatchConfig {
+impl BatchSettings {
     pub fn from_env() -> Result<Self, EnvError> {
         let defaults = Self::default();
         let positive = |var: &str, default: u64| -> Result<u64, EnvError> {
@@ -154,14 +166,24 @@ impl BatchConfig {
 
 /// Drop counts since the last warning and since the start, per reason, and
 /// the last export error.
-#[derive(Default)]
 struct Drops {
     pending: [AtomicU64; 4],
     total: [AtomicU64; 4],
     last_error: Mutex<Option<String>>,
+    /// When the last warning was written (`None`: never; the first is at once).
+    last_log: Mutex<Option<Instant>>,
 }
 
 impl Drops {
+    fn new() -> Self {
+        Self {
+            pending: Default::default(),
+            total: Default::default(),
+            last_error: Mutex::new(None),
+            last_log: Mutex::new(None),
+        }
+    }
+
     fn record(&self, reason: DropReason, count: usize) {
         if count == 0 {
             return;
@@ -176,9 +198,13 @@ impl Drops {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 
-    /// Logs what was dropped since the last call, if anything was; whether
-    /// it logged.
-    fn log(&self) -> bool {
+    /// Logs what was dropped since the last warning, unless one was written
+    /// less than [`DROP_LOG_INTERVAL`] ago (`force`: regardless).
+    fn maybe_log(&self, force: bool) {
+        let mut last_log = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
+        if !force && last_log.is_some_and(|at| at.elapsed() < DROP_LOG_INTERVAL) {
+            return;
+        }
         let counts: Vec<u64> = self
             .pending
             .iter()
@@ -186,8 +212,9 @@ impl Drops {
             .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
-            return false;
+            return;
         }
+        *last_log = Some(Instant::now());
         let last_error = self
             .last_error
             .lock()
@@ -204,287 +231,220 @@ impl Drops {
             last_error,
             "spans dropped: the trace exporter cannot keep up or the collector is unreachable"
         );
-        true
+    }
+}
+
+/// Where every admitted span is until its export ends.
+struct Ledger {
+    /// Admitted into the SDK queue, not yet handed to the exporter.
+    queued: AtomicUsize,
+    /// Spans in exports that have not ended, and whether shutdown has
+    /// already counted them (and what was queued) as `shutdown`.
+    exports: Mutex<Exports>,
+    drops: Drops,
+}
+
+#[derive(Default)]
+struct Exports {
+    in_flight: usize,
+    closed: bool,
+}
+
+impl Ledger {
+    fn exports(&self) -> std::sync::MutexGuard<'_, Exports> {
+        self.exports.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// A processor's drop counts, readable after it was given to the provider.
 #[derive(Clone)]
-pub struct DropCounts(Arc<Drops>);
+pub struct DropCounts(Arc<Ledger>);
 
 impl DropCounts {
     /// Spans dropped for `reason` since the processor started.
     pub fn get(&self, reason: DropReason) -> u64 {
-        self.0.total[reason.index()].load(Ordering::Relaxed)
+        self.0.drops.total[reason.index()].load(Ordering::Relaxed)
     }
 }
 
-enum Control {
-    SetResource(Resource),
-    Flush(std::sync::mpsc::SyncSender<OTelSdkResult>),
-    Shutdown(Duration, std::sync::mpsc::SyncSender<OTelSdkResult>),
-}
-
-/// The bounded, counting batch processor. See the module docs.
-pub struct BoundedBatchProcessor {
-    spans: mpsc::Sender<SpanData>,
-    control: mpsc::UnboundedSender<Control>,
-    drops: Arc<Drops>,
+/// The SDK's batch processor behind the admission count. See the module docs.
+#[derive(Debug)]
+pub struct CountingProcessor {
+    inner: BatchSpanProcessor,
+    ledger: Arc<Ledger>,
+    max_queue_size: usize,
     is_shutdown: AtomicBool,
-    flush_timeout: Duration,
 }
 
-impl fmt::Debug for BoundedBatchProcessor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BoundedBatchProcessor")
-            .field("is_shutdown", &self.is_shutdown)
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("queued", &self.queued)
             .finish_non_exhaustive()
     }
 }
 
-impl BoundedBatchProcessor {
-    /// Starts the export task on `runtime`.
-    pub fn new<E>(exporter: E, config: BatchConfig, runtime: &tokio::runtime::Handle) -> Self
+impl CountingProcessor {
+    /// The SDK's `BatchSpanProcessor` with `settings`, exporting to
+    /// `exporter` through a [`CountingExporter`]. `runtime` drives the export
+    /// timeout (the tonic exporter needs a Tokio runtime anyway).
+    pub fn new<E>(exporter: E, settings: BatchSettings, runtime: &tokio::runtime::Handle) -> Self
     where
         E: SpanExporter + 'static,
     {
-        let (spans, queue) = mpsc::channel(config.max_queue_size);
-        let (control, control_rx) = mpsc::unbounded_channel();
-        let drops = Arc::new(Drops::default());
-        runtime.spawn(
-            ExportTask {
-                exporter,
-                config,
-                drops: drops.clone(),
-            }
-            .run(queue, control_rx),
-        );
+        let ledger = Arc::new(Ledger {
+            queued: AtomicUsize::new(0),
+            exports: Mutex::new(Exports::default()),
+            drops: Drops::new(),
+        });
+        let exporter = CountingExporter {
+            inner: exporter,
+            ledger: ledger.clone(),
+            timeout: settings.export_timeout,
+            runtime: runtime.clone(),
+        };
+        let config = BatchConfigBuilder::default()
+            .with_max_queue_size(settings.max_queue_size)
+            .with_max_export_batch_size(settings.max_export_batch_size)
+            .with_scheduled_delay(settings.scheduled_delay)
+            .build();
         Self {
-            spans,
-            control,
-            drops,
+            inner: BatchSpanProcessor::builder(exporter)
+                .with_batch_config(config)
+                .build(),
+            ledger,
+            max_queue_size: settings.max_queue_size,
             is_shutdown: AtomicBool::new(false),
-            // A flush drains the whole queue, one timed-out export per batch
-            // at worst; bounded so that a caller never waits forever.
-            flush_timeout: config.export_timeout.saturating_mul(2) + config.scheduled_delay,
         }
     }
 
     pub fn drop_counts(&self) -> DropCounts {
-        DropCounts(self.drops.clone())
-    }
-
-    /// Sends `make(reply)` to the task and waits for the reply, at most `timeout`.
-    /// Blocking: never called on the request path.
-    fn call(
-        &self,
-        make: impl FnOnce(std::sync::mpsc::SyncSender<OTelSdkResult>) -> Control,
-        timeout: Duration,
-    ) -> OTelSdkResult {
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        if self.control.send(make(reply)).is_err() {
-            return Err(OTelSdkError::InternalFailure(
-                "the span export task is gone (runtime shut down?)".to_owned(),
-            ));
-        }
-        match answer.recv_timeout(timeout) {
-            Ok(result) => result,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(timeout)),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(
-                OTelSdkError::InternalFailure("the span export task stopped".to_owned()),
-            ),
-        }
+        DropCounts(self.ledger.clone())
     }
 }
 
-/// The span as it should be exported, or `None` when it was not sampled and
-/// is not worth keeping.
-fn exportable(mut span: SpanData) -> Option<SpanData> {
-    if span.span_context.is_sampled() {
-        return Some(span);
+impl SpanProcessor for CountingProcessor {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.inner.on_start(span, cx);
     }
-    if !matches!(span.status, Status::Error { .. }) {
-        return None;
-    }
-    let sc = &span.span_context;
-    span.span_context = SpanContext::new(
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags() | TraceFlags::SAMPLED,
-        sc.is_remote(),
-        sc.trace_state().clone(),
-    );
-    Some(span)
-}
-
-impl SpanProcessor for BoundedBatchProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        let Some(span) = exportable(span) else {
-            return;
-        };
-        if self.is_shutdown.load(Ordering::Relaxed) {
-            self.drops.record(DropReason::Shutdown, 1);
+        // Not sampled: never meant to be exported (the SDK processor would
+        // export it all the same), so not a drop either.
+        if !span.span_context.is_sampled() {
             return;
         }
-        match self.spans.try_send(span) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.drops.record(DropReason::QueueFull, 1),
-            Err(mpsc::error::TrySendError::Closed(_)) => self.drops.record(DropReason::Shutdown, 1),
+        if self.is_shutdown.load(Ordering::Relaxed) {
+            self.ledger.drops.record(DropReason::Shutdown, 1);
+            return;
+        }
+        let admitted =
+            self.ledger
+                .queued
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                    (queued < self.max_queue_size).then_some(queued + 1)
+                });
+        match admitted {
+            Ok(_) => self.inner.on_end(span),
+            // Logged by the exporter's next call (on_end must stay cheap).
+            Err(_) => self.ledger.drops.record(DropReason::QueueFull, 1),
         }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        if self.is_shutdown.load(Ordering::Relaxed) {
-            return Err(OTelSdkError::AlreadyShutdown);
-        }
-        self.call(Control::Flush, self.flush_timeout)
+        self.inner.force_flush()
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
         if self.is_shutdown.swap(true, Ordering::Relaxed) {
             return Err(OTelSdkError::AlreadyShutdown);
         }
-        // The task answers by the deadline; a little slack for the reply.
-        self.call(
-            |reply| Control::Shutdown(timeout, reply),
-            timeout + Duration::from_millis(200),
-        )
+        let result = self.inner.shutdown_with_timeout(timeout);
+        // Whatever the SDK processor did not hand over in time is lost now;
+        // an export still running when it gave up counts here, not later.
+        let mut exports = self.ledger.exports();
+        exports.closed = true;
+        let left = self.ledger.queued.swap(0, Ordering::AcqRel) + exports.in_flight;
+        drop(exports);
+        self.ledger.drops.record(DropReason::Shutdown, left);
+        self.ledger.drops.maybe_log(true);
+        result
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        let _ = self.control.send(Control::SetResource(resource.clone()));
+        self.inner.set_resource(resource);
     }
 }
 
-struct ExportTask<E> {
-    exporter: E,
-    config: BatchConfig,
-    drops: Arc<Drops>,
+/// The exporter the SDK processor exports to: the real one, timed out and
+/// counted. See the module docs.
+#[derive(Debug)]
+pub struct CountingExporter<E> {
+    inner: E,
+    ledger: Arc<Ledger>,
+    timeout: Duration,
+    runtime: tokio::runtime::Handle,
 }
 
-impl<E: SpanExporter> ExportTask<E> {
-    async fn run(
-        mut self,
-        mut queue: mpsc::Receiver<SpanData>,
-        mut control: mpsc::UnboundedReceiver<Control>,
-    ) {
-        let mut batch: Vec<SpanData> = Vec::with_capacity(self.config.max_export_batch_size);
-        let mut next_export = Instant::now() + self.config.scheduled_delay;
-        let mut next_log = Instant::now();
-        loop {
-            tokio::select! {
-                biased;
-                message = control.recv() => match message {
-                    Some(Control::SetResource(resource)) => self.exporter.set_resource(&resource),
-                    Some(Control::Flush(reply)) => {
-                        let result = self.drain(&mut batch, &mut queue, None).await;
-                        let _ = reply.send(result);
-                    }
-                    Some(Control::Shutdown(timeout, reply)) => {
-                        let deadline = Instant::now() + timeout;
-                        queue.close();
-                        let drained = self.drain(&mut batch, &mut queue, Some(deadline)).await;
-                        let result = self.exporter.shutdown_with_timeout(
-                            deadline.saturating_duration_since(Instant::now()),
-                        );
-                        let _ = self.drops.log();
-                        let _ = reply.send(drained.and(result));
-                        return;
-                    }
-                    // The processor is gone without a shutdown.
-                    None => return,
-                },
-                span = queue.recv(), if batch.len() < self.config.max_export_batch_size => {
-                    match span {
-                        Some(span) => batch.push(span),
-                        None => return,
-                    }
-                    if batch.len() >= self.config.max_export_batch_size {
-                        let full = std::mem::take(&mut batch);
-                        let _ = self.export(full, None).await;
-                        next_export = Instant::now() + self.config.scheduled_delay;
-                    }
-                }
-                _ = tokio::time::sleep_until(next_export) => {
-                    if !batch.is_empty() {
-                        let due = std::mem::take(&mut batch);
-                        let _ = self.export(due, None).await;
-                    }
-                    next_export = Instant::now() + self.config.scheduled_delay;
-                }
-            }
-            // The first drops are reported at once, later ones at most once
-            // per interval (the schedule delay wakes this loop regularly).
-            if Instant::now() >= next_log && self.drops.log() {
-                next_log = Instant::now() + DROP_LOG_INTERVAL;
-            }
-        }
-    }
-
-    /// Exports everything batched and queued, batch by batch; by `deadline`
-    /// (what is left then is dropped as `shutdown`).
-    async fn drain(
-        &mut self,
-        batch: &mut Vec<SpanData>,
-        queue: &mut mpsc::Receiver<SpanData>,
-        deadline: Option<Instant>,
-    ) -> OTelSdkResult {
-        let mut result = Ok(());
-        loop {
-            while batch.len() < self.config.max_export_batch_size {
-                match queue.try_recv() {
-                    Ok(span) => batch.push(span),
-                    Err(_) => break,
-                }
-            }
-            if batch.is_empty() {
-                return result;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                let mut left = batch.len();
-                batch.clear();
-                while queue.try_recv().is_ok() {
-                    left += 1;
-                }
-                self.drops.record(DropReason::Shutdown, left);
-                return Err(OTelSdkError::Timeout(Duration::ZERO));
-            }
-            let due = std::mem::take(batch);
-            if let Err(err) = self.export(due, deadline).await {
-                result = Err(err);
-            }
-        }
-    }
-
-    /// One export, cut off at the export timeout (or `deadline` if sooner);
-    /// what fails is counted.
-    async fn export(&mut self, batch: Vec<SpanData>, deadline: Option<Instant>) -> OTelSdkResult {
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let count = batch.len();
-        let mut timeout = self.config.export_timeout;
-        if let Some(deadline) = deadline {
-            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        {
+            let mut exports = self.ledger.exports();
+            if exports.closed {
+                // Already counted as `shutdown`.
+                return Ok(());
+            }
+            exports.in_flight += count;
+            self.ledger.queued.fetch_sub(count, Ordering::AcqRel);
         }
         // The exporter's own log lines (one per failed batch) are silenced;
-        // the periodic drop warning reports the last error instead.
+        // the periodic drop warning reports the last error instead. The
+        // timer needs the runtime's context when it is created (this runs on
+        // the SDK processor's own thread).
         let export = self
-            .exporter
+            .inner
             .export(batch)
             .with_subscriber(tracing::subscriber::NoSubscriber::default());
-        match tokio::time::timeout(timeout, export).await {
-            Ok(Ok(())) => Ok(()),
+        let export = {
+            let _runtime = self.runtime.enter();
+            tokio::time::timeout(self.timeout, export)
+        };
+        let outcome = export.await;
+        {
+            let mut exports = self.ledger.exports();
+            if exports.closed {
+                return Ok(());
+            }
+            exports.in_flight -= count;
+        }
+        let drops = &self.ledger.drops;
+        match outcome {
+            Ok(Ok(())) => {}
             Ok(Err(err)) => {
-                self.drops.record(DropReason::ExportFailed, count);
-                self.drops.set_error(err.to_string());
-                Err(err)
+                drops.set_error(err.to_string());
+                drops.record(DropReason::ExportFailed, count);
             }
             Err(_) => {
-                self.drops.record(DropReason::ExportTimeout, count);
-                self.drops
-                    .set_error(format!("export timed out after {timeout:?}"));
-                Err(OTelSdkError::Timeout(timeout))
+                drops.set_error(format!("export timed out after {:?}", self.timeout));
+                drops.record(DropReason::ExportTimeout, count);
             }
         }
+        drops.maybe_log(false);
+        // A failure is counted and warned about above; returned as Ok so the
+        // SDK processor does not also log it at ERROR, once per batch.
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
     }
 }

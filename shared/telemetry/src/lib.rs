@@ -11,7 +11,7 @@
 //! - [`logs`]: the JSON log layer (trace ids and correlation fields on every line).
 //! - `traces` (private): the OTLP/gRPC tracer provider (TLS for `https://`).
 //! - [`sampling`]: `OTEL_TRACES_SAMPLER`, including the adaptive sampler.
-//! - [`export`]: the bounded span processor that counts what it drops.
+//! - [`export`]: the SDK's batch span processor, wrapped to count every span it drops.
 //! - [`metrics`]: the Prometheus recorder, its upkeep, process and build metrics.
 //! - [`propagation`]: W3C context in NATS and HTTP headers via the global propagator.
 //! - [`messaging`]: `send`/`process` spans for NATS.

@@ -5,6 +5,12 @@
 //! NATS header names are case-sensitive, so extraction compares names without
 //! regard to case: Go clients write `Traceparent`, browsers `traceparent`.
 //!
+//! A `traceparent` is continued only if it is well-formed to the letter
+//! ([`is_valid_traceparent`]): the SDK's parser does not check the lengths of
+//! the ids, so `00-1-1-01` would otherwise continue trace `000…001` and
+//! unrelated junk clients would share one trace. Anything else starts a new
+//! trace, in every extractor (HTTP, gRPC metadata, NATS headers).
+//!
 //! Baggage is filtered where it enters: a client's `baggage` header keeps only
 //! the keys of `TELEMETRY_BAGGAGE_ALLOW` (none by default), a NATS message's
 //! keeps those plus `tenant.id`. Calls to third parties (the worker's `http`
@@ -81,6 +87,60 @@ impl Extractor for HttpExtractor<'_> {
     }
 }
 
+/// The `traceparent` header name (the propagator's key).
+const TRACEPARENT: &str = "traceparent";
+
+/// Whether `value` is a W3C `traceparent` worth continuing: `version-traceid-
+/// spanid-flags` as `^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}`,
+/// version not `ff`, exactly those four parts for version `00` (a later
+/// version may append `-…` parts), and neither id all zeros. Surrounding
+/// spaces and tabs (HTTP's optional whitespace) are allowed.
+pub fn is_valid_traceparent(value: &str) -> bool {
+    let value = value.trim_matches([' ', '\t']);
+    let bytes = value.as_bytes();
+    if bytes.len() < 55 {
+        return false;
+    }
+    let lower_hex = |range: std::ops::Range<usize>| {
+        bytes[range]
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    };
+    let all_zero = |range: std::ops::Range<usize>| bytes[range].iter().all(|&b| b == b'0');
+    let shape = lower_hex(0..2)
+        && bytes[2] == b'-'
+        && lower_hex(3..35)
+        && bytes[35] == b'-'
+        && lower_hex(36..52)
+        && bytes[52] == b'-'
+        && lower_hex(53..55);
+    if !shape || &value[0..2] == "ff" || all_zero(3..35) || all_zero(36..52) {
+        return false;
+    }
+    match &value[0..2] {
+        "00" => bytes.len() == 55,
+        _ => bytes.len() == 55 || bytes[55] == b'-',
+    }
+}
+
+/// Hides a `traceparent` that [`is_valid_traceparent`] refuses from the
+/// propagator (and with it `tracestate`, which needs a parent).
+struct StrictTraceparent<'a>(&'a dyn Extractor);
+
+impl Extractor for StrictTraceparent<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let value = self.0.get(key)?;
+        if key.eq_ignore_ascii_case(TRACEPARENT) && !is_valid_traceparent(value) {
+            return None;
+        }
+        Some(value)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys()
+    }
+}
+
 /// Injects `cx` into NATS headers.
 pub fn inject_nats(cx: &Context, headers: &mut async_nats::HeaderMap) {
     global::get_text_map_propagator(|p| p.inject_context(cx, &mut NatsInjector(headers)));
@@ -92,7 +152,9 @@ pub fn inject_nats(cx: &Context, headers: &mut async_nats::HeaderMap) {
 pub fn extract_nats(headers: Option<&async_nats::HeaderMap>) -> Context {
     match headers {
         Some(headers) => filter_baggage(
-            global::get_text_map_propagator(|p| p.extract(&NatsExtractor(headers))),
+            global::get_text_map_propagator(|p| {
+                p.extract(&StrictTraceparent(&NatsExtractor(headers)))
+            }),
             &[TENANT_BAGGAGE_KEY],
         ),
         None => Context::new(),
@@ -111,11 +173,12 @@ pub fn inject_http_trace_context(cx: &Context, headers: &mut http::HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HttpInjector(headers));
 }
 
-/// Extracts the remote context from HTTP headers (a client's request). Its
-/// baggage keeps the allowed keys only.
+/// Extracts the remote context from HTTP headers (a client's request, or
+/// gRPC metadata); a malformed `traceparent` gives an empty context, like a
+/// missing one. Its baggage keeps the allowed keys only.
 pub fn extract_http(headers: &http::HeaderMap) -> Context {
     filter_baggage(
-        global::get_text_map_propagator(|p| p.extract(&HttpExtractor(headers))),
+        global::get_text_map_propagator(|p| p.extract(&StrictTraceparent(&HttpExtractor(headers)))),
         &[],
     )
 }
@@ -266,11 +329,133 @@ mod tests {
             install();
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("traceparent", value.as_str());
-            let out = extract_nats(Some(&headers));
-            let sc = out.span().span_context().clone();
-            // Either the value happened to be a valid traceparent, or nothing was taken.
-            prop_assert!(!sc.is_valid() || value.starts_with("00-"));
+            let sc = extract_nats(Some(&headers)).span().span_context().clone();
+            // Only a value that passes the strict check is continued.
+            prop_assert_eq!(sc.is_valid(), is_valid_traceparent(&value), "{:?}", value);
         }
+
+        #[test]
+        fn near_misses_of_a_valid_traceparent_start_a_new_trace(
+            (valid, miss) in near_miss(),
+        ) {
+            install();
+            // The unmutated value is continued: the check is not just refusing everything.
+            prop_assert!(continued_nats(&valid) && continued_http(&valid), "{}", valid);
+            prop_assert!(!is_valid_traceparent(&miss), "{:?}", miss);
+            prop_assert!(!continued_nats(&miss), "NATS continued {:?}", miss);
+            prop_assert!(!continued_http(&miss), "HTTP continued {:?}", miss);
+        }
+    }
+
+    /// A valid `traceparent`'s parts: trace id, span id, flags.
+    fn valid_parts() -> impl Strategy<Value = (String, String, String)> {
+        (1u128.., 1u64.., 0u8..=255).prop_map(|(trace, span, flags)| {
+            (
+                format!("{trace:032x}"),
+                format!("{span:016x}"),
+                format!("{flags:02x}"),
+            )
+        })
+    }
+
+    /// A valid `traceparent` and one near miss of it: each of the ways the
+    /// SDK's parser alone lets a malformed value through, and the neighbours.
+    fn near_miss() -> impl Strategy<Value = (String, String)> {
+        (valid_parts(), 0usize..22, any::<prop::sample::Index>()).prop_map(
+            |((trace, span, flags), mutation, at)| {
+                let valid = format!("00-{trace}-{span}-{flags}");
+                let join = |v: &str, t: &str, s: &str, f: &str| format!("{v}-{t}-{s}-{f}");
+                let upper = |hex: &str| {
+                    // Uppercase one letter (forcing one in if there is none).
+                    let mut chars: Vec<char> = hex.chars().collect();
+                    let letters: Vec<usize> = (0..chars.len())
+                        .filter(|&i| chars[i].is_ascii_alphabetic())
+                        .collect();
+                    if letters.is_empty() {
+                        let i = at.index(chars.len());
+                        chars[i] = 'A';
+                    } else {
+                        let i = letters[at.index(letters.len())];
+                        chars[i] = chars[i].to_ascii_uppercase();
+                    }
+                    chars.into_iter().collect::<String>()
+                };
+                let miss = match mutation {
+                    0 => join("00", &trace[1..], &span, &flags), // 31-hex trace id
+                    1 => join("00", &format!("{trace}0"), &span, &flags), // 33
+                    2 => join("00", &trace, &span[1..], &flags), // 15-hex span id
+                    3 => join("00", &trace, &format!("{span}0"), &flags), // 17
+                    4 => format!("00-{trace}-{span}--1"),        // flags `-1`
+                    5 => join("0-", &trace, &span, &flags),      // version `0-`
+                    6 => "00-1-1-01".to_owned(),
+                    7 => join("00", &format!("+{}", &trace[1..]), &span, &flags),
+                    8 => join("00", &trace, &format!("+{}", &span[1..]), &flags),
+                    9 => join("00", &upper(&trace), &span, &flags),
+                    10 => join("00", &trace, &upper(&span), &flags),
+                    11 => join("00", &trace, &span, &upper(&format!("{flags}a")[1..])),
+                    12 => format!("{valid}-00"), // extra part for 00
+                    13 => format!("{valid}-"),
+                    14 => join("00", &"0".repeat(32), &span, &flags), // zero trace id
+                    15 => join("00", &trace, &"0".repeat(16), &flags), // zero span id
+                    16 => join("ff", &trace, &span, &flags),
+                    17 => join("0", &trace, &span, &flags), // 1-digit version
+                    18 => join("00", &trace, &span, &flags[1..]), // 1-digit flags
+                    19 => format!("00-{trace}-{span}"),     // three parts
+                    20 => join(
+                        "00",
+                        &trace.replacen(|c: char| c.is_ascii_hexdigit(), "g", 1),
+                        &span,
+                        &flags,
+                    ),
+                    _ => format!("00_{trace}_{span}_{flags}"),
+                };
+                (valid, miss)
+            },
+        )
+    }
+
+    fn continued_nats(value: &str) -> bool {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", value);
+        extract_nats(Some(&headers))
+            .span()
+            .span_context()
+            .is_valid()
+    }
+
+    fn continued_http(value: &str) -> bool {
+        let mut headers = http::HeaderMap::new();
+        match http::HeaderValue::from_str(value) {
+            Ok(v) => headers.insert("traceparent", v),
+            // Not even a header value: nothing to continue.
+            Err(_) => return false,
+        };
+        extract_http(&headers).span().span_context().is_valid()
+    }
+
+    #[test]
+    fn the_issue_s_examples_are_refused_and_later_versions_accepted() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let span = "00f067aa0ba902b7";
+        for miss in [
+            format!("00-{}-{span}-01", &trace[1..]),
+            format!("00-{trace}-{}-01", &span[1..]),
+            format!("00-{trace}-{span}--1"),
+            format!("0--{trace}-{span}-01"),
+            "00-1-1-01".to_owned(),
+            format!("00-+{}-{span}-01", &trace[1..]),
+        ] {
+            assert!(!is_valid_traceparent(&miss), "{miss}");
+        }
+        assert!(is_valid_traceparent(&format!("00-{trace}-{span}-01")));
+        // A later version may carry more parts; ff never exists.
+        assert!(is_valid_traceparent(&format!(
+            "01-{trace}-{span}-01-future"
+        )));
+        assert!(!is_valid_traceparent(&format!(
+            "01-{trace}-{span}-01future"
+        )));
+        assert!(!is_valid_traceparent(&format!("ff-{trace}-{span}-01")));
     }
 
     #[test]

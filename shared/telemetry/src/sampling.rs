@@ -7,21 +7,16 @@
 //! honour the gateway's decision and a trace is exported whole or not at all.
 //!
 //! `beamline_adaptive` (`OTEL_TRACES_SAMPLER_ARG` = traces per second, default
-//! [`DEFAULT_TRACES_PER_SECOND`]): a span with a parent follows it; a root span
-//! takes a token from a bucket refilled at that rate (burst: one second's
-//! worth). Spans it does not sample are *recorded* (`RecordOnly`) rather than
-//! dropped, so that the export processor can still keep the ones that end with
-//! status ERROR ([`crate::export`]). What that can and cannot guarantee:
-//! - it keeps the erroring span(s) of *this* process, not the whole trace: the
-//!   other processes saw `sampled=0` and exported nothing (unless they run the
-//!   adaptive sampler too, then they keep their own erroring spans); the kept
-//!   span's parent may be missing from the backend;
-//! - a span that was dropped (`always_off`, `traceidratio`, `parentbased_*`
-//!   with an unsampled parent) is never recorded, so its error cannot be kept;
-//! - an error known only after the span ended (a later retry failing, a run
-//!   failing in another process) is not an error of that span.
+//! [`DEFAULT_TRACES_PER_SECOND`]): parent-based like the others: a span with a
+//! parent follows it; a root span takes a token from a bucket refilled at that
+//! rate (burst: one second's worth). A span not sampled is dropped, not
+//! recorded: nothing of an unsampled trace is exported, so no exported span
+//! ever has a parent that was not exported.
 //!
-//! Tail sampling in a collector is the tool for "every trace with an error".
+//! Keeping every trace with an error (or a slow one) is not a head-sampling
+//! decision: the error is known only at the end, often in another process.
+//! The collector's `tail_sampling` processor does it on whole traces
+//! (`observability/otel-collector/config.yaml`, docs/instrumentation.md).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -133,7 +128,7 @@ impl TokenBucket {
 }
 
 /// At most `rate` new traces a second; children follow their parent; what is
-/// not sampled is recorded so that its errors can still be exported.
+/// not sampled is dropped.
 #[derive(Debug, Clone)]
 pub struct AdaptiveSampler {
     bucket: Arc<TokenBucket>,
@@ -156,14 +151,14 @@ impl AdaptiveSampler {
                 let decision = if parent.is_sampled() {
                     SamplingDecision::RecordAndSample
                 } else {
-                    SamplingDecision::RecordOnly
+                    SamplingDecision::Drop
                 };
                 (decision, parent.trace_state().clone())
             }
             None if self.bucket.try_take(now) => {
                 (SamplingDecision::RecordAndSample, TraceState::default())
             }
-            None => (SamplingDecision::RecordOnly, TraceState::default()),
+            None => (SamplingDecision::Drop, TraceState::default()),
         };
         SamplingResult {
             decision,
@@ -237,14 +232,14 @@ mod tests {
     }
 
     #[test]
-    fn over_budget_roots_are_recorded_not_dropped() {
+    fn over_budget_roots_are_dropped_not_recorded() {
         let start = Instant::now();
         let sampler = AdaptiveSampler {
             bucket: Arc::new(TokenBucket::new(1.0, start)),
         };
         assert!(sampled(&sampler.decide(None, start)));
         let over = sampler.decide(None, start);
-        assert_eq!(over.decision, SamplingDecision::RecordOnly);
+        assert_eq!(over.decision, SamplingDecision::Drop);
     }
 
     #[test]
@@ -259,7 +254,7 @@ mod tests {
             assert!(sampled(&sampler.decide(Some(&remote_parent(true)), start)));
         }
         let unsampled = sampler.decide(Some(&remote_parent(false)), start);
-        assert_eq!(unsampled.decision, SamplingDecision::RecordOnly);
+        assert_eq!(unsampled.decision, SamplingDecision::Drop);
         // Children did not use the budget up either.
         assert!(sampled(
             &sampler.decide(None, start + Duration::from_secs(1))

@@ -6,8 +6,9 @@
 //! and the collector's CA (`OTEL_EXPORTER_OTLP_CERTIFICATE`) are read here, so
 //! a bad value stops the process at start.
 //!
-//! The pipeline: sampler → [`BoundedBatchProcessor`] (bounded queue, counted
-//! drops) → [`exporter`] (OTLP/gRPC, TLS for an `https://` endpoint).
+//! The pipeline: sampler → [`CountingProcessor`] (the SDK's batch processor,
+//! every drop counted) → [`exporter`] (OTLP/gRPC, TLS for an `https://`
+//! endpoint).
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 
 use crate::ServiceInfo;
 use crate::env::{self, EnvError};
-use crate::export::{BatchConfig, BoundedBatchProcessor};
+use crate::export::{BatchSettings, CountingProcessor};
 
 pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -59,7 +60,7 @@ pub(crate) fn validate_env() -> Result<(), EnvError> {
         }
     }
     crate::sampling::from_env()?;
-    BatchConfig::from_env()?;
+    BatchSettings::from_env()?;
     Ok(())
 }
 
@@ -100,29 +101,52 @@ pub(crate) fn exporter() -> anyhow::Result<impl SpanExporter + 'static> {
 
 /// Must run inside the Tokio runtime: the export task is spawned on it.
 pub(crate) fn provider(info: &ServiceInfo) -> anyhow::Result<SdkTracerProvider> {
-    let processor = BoundedBatchProcessor::new(
+    let processor = CountingProcessor::new(
         exporter()?,
-        BatchConfig::from_env()?,
+        BatchSettings::from_env()?,
         &tokio::runtime::Handle::try_current()?,
     );
-
-    let mut resource = Resource::builder();
-    // OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over the component name.
-    let named_by_env = env::raw("OTEL_SERVICE_NAME").is_some()
-        || env::raw("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
-    if !named_by_env {
-        resource = resource.with_service_name(info.component);
-    }
-    let resource = resource
-        .with_attribute(opentelemetry::KeyValue::new(
-            "service.version",
-            info.version,
-        ))
-        .build();
 
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(crate::sampling::from_env()?)
-        .with_resource(resource)
+        .with_resource(resource(info))
         .build())
+}
+
+/// `service.name` (the component), `service.version` (the crate's),
+/// `vcs.ref.head.revision` (the git revision) and `service.instance.id` (a
+/// random UUID v4 for this process, as semconv recommends), each unless
+/// `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` set it (the builder reads
+/// both).
+pub(crate) fn resource(info: &ServiceInfo) -> Resource {
+    use opentelemetry::KeyValue;
+    use opentelemetry_semantic_conventions::resource as semconv;
+
+    let from_env = env::raw("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    let set_by_env = |key: &str| {
+        from_env
+            .split(',')
+            .any(|pair| pair.split('=').next().is_some_and(|k| k.trim() == key))
+    };
+    let mut resource = Resource::builder();
+    if env::raw("OTEL_SERVICE_NAME").is_none() && !set_by_env(semconv::SERVICE_NAME) {
+        resource = resource.with_service_name(info.component);
+    }
+    for (key, value) in [
+        (semconv::SERVICE_VERSION, info.version.to_owned()),
+        (
+            semconv::VCS_REF_HEAD_REVISION,
+            crate::metrics::BUILD_REVISION.to_owned(),
+        ),
+        (
+            semconv::SERVICE_INSTANCE_ID,
+            uuid::Uuid::new_v4().to_string(),
+        ),
+    ] {
+        if !set_by_env(key) {
+            resource = resource.with_attribute(KeyValue::new(key, value));
+        }
+    }
+    resource.build()
 }

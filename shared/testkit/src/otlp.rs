@@ -19,6 +19,8 @@ use tokio::sync::oneshot;
 pub struct CollectedSpan {
     /// The exporting process's `service.name`.
     pub service: String,
+    /// The exporting process's resource attributes.
+    pub resource: HashMap<String, String>,
     pub name: String,
     /// `SPAN_KIND_SERVER` → `server`, …
     pub kind: &'static str,
@@ -104,6 +106,7 @@ impl TraceService for Collector {
                 for span in scope_spans.spans {
                     received.push(CollectedSpan {
                         service: service.clone(),
+                        resource: resource.clone(),
                         kind: kind_name(span.kind),
                         trace_id: hex(&span.trace_id),
                         span_id: hex(&span.span_id),
