@@ -39,23 +39,12 @@ impl Dispatcher {
             Err(err) => {
                 err.report();
                 // Never retried; its run (named by the headers) ends `failed`.
-                return match wire::jetstream::report_undecodable(
+                return wire::jetstream::end_undecodable(
                     &self.jetstream,
                     &message,
                     &err.to_string(),
                 )
-                .await
-                {
-                    Ok(_) => Disposition::Reject,
-                    Err(err) => {
-                        ComponentError {
-                            code: "publish_failed",
-                            message: &err,
-                        }
-                        .emit();
-                        Disposition::Retry(Duration::from_secs(2))
-                    }
-                };
+                .await;
             }
         };
         span.record("tenant.id", run.tenant_id.as_str());

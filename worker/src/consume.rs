@@ -49,23 +49,12 @@ impl Executor {
                 if let Err(disposition) = self.dead_letter(&message, "decode_failed", None).await {
                     return disposition;
                 }
-                return match wire::jetstream::report_undecodable(
+                return wire::jetstream::end_undecodable(
                     &self.jetstream,
                     &message,
                     &err.to_string(),
                 )
-                .await
-                {
-                    Ok(_) => Disposition::Reject,
-                    Err(err) => {
-                        ComponentError {
-                            code: "publish_failed",
-                            message: &err,
-                        }
-                        .emit();
-                        Disposition::Retry(Duration::from_secs(2))
-                    }
-                };
+                .await;
             }
         };
         let run = &item.run;

@@ -617,6 +617,23 @@ pub async fn report_undecodable(
     .map(|_| true)
 }
 
+/// What a consumer does with a message it cannot decode: end its run
+/// ([`report_undecodable`]) and drop the message, or retry shortly when the
+/// report could not be stored.
+pub async fn end_undecodable(js: &Context, message: &js::Message, reason: &str) -> Disposition {
+    match report_undecodable(js, message, reason).await {
+        Ok(_) => Disposition::Reject,
+        Err(err) => {
+            telemetry::events::ComponentError {
+                code: "publish_failed",
+                message: &err,
+            }
+            .emit();
+            Disposition::Retry(Duration::from_secs(2))
+        }
+    }
+}
+
 /// Publishes inside a `send <subject>` PRODUCER span whose context travels in
 /// the headers, and waits for the stream's acknowledgement: when this returns
 /// `Ok` the message is stored.
