@@ -300,19 +300,17 @@ async fn claim(
         // The claim is a write; waiting on another request's claim only reads,
         // with a growing pause, so a burst of identical requests does not
         // starve the store of connections and write locks.
-        let mut claimed = Some(
-            state
-                .store
-                .claim_idempotency_key(
-                    tenant,
-                    key,
-                    fingerprint,
-                    run_id,
-                    state.config.idempotency_ttl,
-                    idempotency::CLAIM_LEASE,
-                )
-                .await?,
-        );
+        let claim_now = || {
+            state.store.claim_idempotency_key(
+                tenant,
+                key,
+                fingerprint,
+                run_id,
+                state.config.idempotency_ttl,
+                idempotency::CLAIM_LEASE,
+            )
+        };
+        let mut claimed = Some(claim_now().await?);
         loop {
             let existing = match claimed.take() {
                 Some(Claimed::Ours) => return Ok((Claim::New, IdempotencyResult::Miss)),
@@ -335,19 +333,7 @@ async fn claim(
             };
             if !held {
                 // Free again, or its holder's lease is out: try to claim it.
-                claimed = Some(
-                    state
-                        .store
-                        .claim_idempotency_key(
-                            tenant,
-                            key,
-                            fingerprint,
-                            run_id,
-                            state.config.idempotency_ttl,
-                            idempotency::CLAIM_LEASE,
-                        )
-                        .await?,
-                );
+                claimed = Some(claim_now().await?);
                 // A claim that is still held right after a takeover attempt
                 // (a race with another waiter) falls through to the pause.
                 if !matches!(&claimed, Some(Claimed::Taken(r)) if r.status_code.is_none()) {
